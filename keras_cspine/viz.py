@@ -1,0 +1,193 @@
+"""Figures: slices with their vertebra labels and fracture boxes (the paper's Figure 4 style),
+and a sagittal overview of a study with the extent of each vertebra.
+
+``python -m keras_cspine look PREPARED OUT`` draws them for a prepare folder. Everything uses
+matplotlib's Agg backend and writes each figure atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from keras_cspine.io.rsna import VERTEBRAE
+from keras_cspine.utils import atomic_path
+
+VERTEBRA_COLOURS = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8", "#911eb4")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def model_box(box: Sequence[float], rows: int, columns: int, size: int) -> list[float]:
+    """A native-pixel ``[x, y, w, h]`` box in the coordinates of the ``size`` x ``size`` model image."""
+    from keras_cspine.preprocess import native_to_model_box
+
+    return native_to_model_box(box, rows, columns, size)
+
+
+def label_text(labels: Sequence[int]) -> str:
+    """``[0, 1, 1, 0, ...]`` -> ``"C2 C3"``; unknown labels (-1) -> ``"unlabelled"``."""
+    labels = list(labels)
+    if any(v < 0 for v in labels):
+        return "unlabelled"
+    names = [v for v, on in zip(VERTEBRAE, labels) if on]
+    return " ".join(names) if names else "no C-spine"
+
+
+def figure_slices(index, prepared: str | os.PathLike, rows_to_show, ncols: int = 4, title: str = ""):
+    """A grid of cached slices with their C1..C7 labels and fracture boxes.
+
+    Args:
+        index: the prepare index (``keras_cspine.prepare.load_index``).
+        prepared: the prepare folder (for the cache).
+        rows_to_show: index labels (row positions of ``index``) to draw.
+    """
+    from matplotlib.patches import Rectangle
+
+    from keras_cspine.prepare import load_cache
+
+    plt = _pyplot()
+    rows_to_show = list(rows_to_show)
+    nrows = max(1, int(np.ceil(len(rows_to_show) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.9 * nrows), squeeze=False)
+    caches: dict[str, np.ndarray] = {}
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row_id in zip(axes.ravel(), rows_to_show):
+        row = index.loc[row_id]
+        uid = row.StudyInstanceUID
+        if uid not in caches:
+            caches[uid] = load_cache(prepared, uid)
+        image = np.asarray(caches[uid][int(row.series_index)])
+        size = image.shape[0]
+        ax.imshow(image)
+        for box in row.boxes:
+            x, y, w, h = model_box(box, int(row.rows), int(row.columns), size)
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="red", linewidth=1.5))
+        labels = [int(row[v]) for v in VERTEBRAE]
+        fracture = "  FRACTURE" if row.boxes else ""
+        ax.set_title(f"...{uid[-5:]} #{int(row.slice_number)}\n{label_text(labels)}{fracture}",
+                     fontsize=8, color="red" if fracture else "black")  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pick_slices(index, n: int = 12, seed: int = 0) -> list:
+    """Rows worth looking at: fracture slices, vertebra junctions, and an even spread."""
+    rng = np.random.default_rng(seed)
+    labels = index[list(VERTEBRAE)].to_numpy()
+    fractures = index.index[index.has_fracture_box == 1].to_numpy()
+    junctions = index.index[(labels == 1).sum(axis=1) >= 2].to_numpy()
+    chosen: list = []
+    for pool, share in ((fractures, n // 3), (junctions, n // 3)):
+        if len(pool):
+            chosen += list(rng.choice(pool, size=min(share, len(pool)), replace=False))
+    rest = np.setdiff1d(index.index.to_numpy(), chosen)
+    if len(rest):
+        chosen += list(rng.choice(rest, size=min(n - len(chosen), len(rest)), replace=False))
+    return sorted(chosen, key=lambda i: (index.loc[i].StudyInstanceUID, index.loc[i].series_index))
+
+
+def figure_sagittal(index, prepared: str | os.PathLike, uid: str, probabilities=None):
+    """Sagittal overview of one study from its cache, with a band per vertebra.
+
+    The left panel is the mid-sagittal reconstruction (rows = series order, head at the top); the
+    right panel shows, per slice, the vertebrae labelled (ground truth) and, when given,
+    ``probabilities`` (Z, 7) from a stage 1 model as shaded bars.
+    """
+    from keras_cspine.prepare import load_cache
+
+    plt = _pyplot()
+    study = index[index.StudyInstanceUID == uid].sort_values("series_index")
+    if study.empty:
+        raise ValueError(f"study {uid!r} is not in the index")
+    cache = load_cache(prepared, uid)
+    mid = cache.shape[2] // 2
+    sagittal = np.asarray(cache[:, :, mid, :])  # (Z, size, 3): rows = slices
+    z_extent = float(study.position_mm.max()) or 1.0
+    fig, (ax_img, ax_lab) = plt.subplots(1, 2, figsize=(7, 6), gridspec_kw={"width_ratios": [3, 2]})
+    ax_img.imshow(sagittal, aspect="auto", extent=(0, sagittal.shape[1], z_extent, 0))
+    ax_img.set_ylabel("mm below the first slice")
+    ax_img.set_xlabel("anterior <-> posterior (model px)")
+    ax_img.set_title(f"study ...{uid[-8:]}")
+    labels = study[list(VERTEBRAE)].to_numpy()
+    z = study.position_mm.to_numpy()
+    for k, name in enumerate(VERTEBRAE):
+        colour = VERTEBRA_COLOURS[k]
+        if probabilities is not None:
+            ax_lab.fill_betweenx(z, k, k + np.asarray(probabilities)[:, k] * 0.9, color=colour, alpha=0.5,
+                                 step="mid")  # fmt: skip
+        on = labels[:, k] == 1
+        if on.any():
+            ax_lab.plot(np.full(on.sum(), k + 0.45), z[on], "|", color=colour, markersize=4)
+            ax_img.axhspan(z[on].min(), z[on].max(), xmin=0.0, xmax=0.03, color=colour)
+        boxes_on = study.has_fracture_box.to_numpy() == 1
+        if boxes_on.any():
+            ax_img.plot(np.full(boxes_on.sum(), sagittal.shape[1] * 0.98), z[boxes_on], "<",
+                        color="red", markersize=4)  # fmt: skip
+    ax_lab.set_xticks(np.arange(7) + 0.45, VERTEBRAE)
+    ax_lab.set_ylim(z_extent, 0)
+    ax_lab.set_title("labels" if probabilities is None else "labels | probabilities")
+    fig.tight_layout()
+    return fig
+
+
+def look(prepared: str | os.PathLike, out: str | os.PathLike, n_slices: int = 12,
+         n_studies: int = 3, seed: int = 0) -> list[Path]:  # fmt: skip
+    """Write ``slices.png`` and ``sagittal_<uid>.png`` figures for a prepare folder."""
+    from keras_cspine.prepare import load_index
+
+    index = load_index(prepared)
+    out = Path(out)
+    written = [save_figure(figure_slices(index, prepared, pick_slices(index, n_slices, seed)),
+                           out / "slices.png")]  # fmt: skip
+    for uid in sorted(index.StudyInstanceUID.unique())[:n_studies]:
+        written.append(save_figure(figure_sagittal(index, prepared, uid), out / f"sagittal_{uid}.png"))
+    return written
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prepared", help="a prepare output folder")
+    parser.add_argument("out", help="folder for the figures")
+    parser.add_argument("--slices", type=int, default=12, help="slices in the grid")
+    parser.add_argument("--studies", type=int, default=3, help="sagittal overviews to draw")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in look(args.prepared, args.out, args.slices, args.studies, args.seed):
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine.viz", description=__doc__)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
