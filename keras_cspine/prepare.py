@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from keras_cspine import __version__
 from keras_cspine.errors import BoxError, CSpineDataError
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout, validate_frame
-from keras_cspine.utils import atomic_path, atomic_write, write_json
+from keras_cspine.utils import atomic_write, write_json
 
 CACHE_FORMAT = 1
 INDEX_COLUMNS = (

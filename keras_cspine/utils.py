@@ -76,7 +76,7 @@ def _json_default(value: Any) -> Any:
 def seed_everything(seed: int) -> None:
     """Seed Python and NumPy (and Keras/TensorFlow when already imported)."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    np.random.seed(seed % (2**32))  # noqa: NPY002 - seeds libraries that use the global state
     import sys
 
     if "keras" in sys.modules:

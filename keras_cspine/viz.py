@@ -135,7 +135,7 @@ def figure_sagittal(index, prepared: str | os.PathLike, uid: str, probabilities=
     ax_img.set_title(f"study ...{uid[-8:]}")
     labels = study[list(VERTEBRAE)].to_numpy()
     z = study.position_mm.to_numpy()
-    for k, name in enumerate(VERTEBRAE):
+    for k, _name in enumerate(VERTEBRAE):
         colour = VERTEBRA_COLOURS[k]
         if probabilities is not None:
             ax_lab.fill_betweenx(z, k, k + np.asarray(probabilities)[:, k] * 0.9, color=colour, alpha=0.5,

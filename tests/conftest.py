@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,13 +32,3 @@ def prepared(synthetic_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prep32"
     prepare_dataset(synthetic_data, out, size=32, mode="bone", workers=1, progress=False)
     return out
-
-
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m keras_cspine ARGS`` in a fresh interpreter; fail with its output."""
-    full_env = {**os.environ, **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_cspine", *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
-    )  # fmt: skip
-    return result

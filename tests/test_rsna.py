@@ -8,7 +8,7 @@ import jsonschema
 import pandas as pd
 import pytest
 
-from keras_cspine.errors import CsvSchemaError, CSpineDataError
+from keras_cspine.errors import CSpineDataError, CsvSchemaError
 from keras_cspine.io import rsna
 
 UID = "1.2.826.0.1.3680043.10001"
@@ -118,7 +118,7 @@ def test_submission_rows_and_writer(tmp_path):
 def test_synthetic_dataset_matches_data_spec(synthetic_data):
     layout = rsna.RsnaLayout(synthetic_data)
     spec = rsna.load_layout()
-    for name, file_spec in spec["files"].items():
+    for name, _file_spec in spec["files"].items():
         assert (synthetic_data / name).is_file(), name
     for folder in spec["folders"]:
         assert (synthetic_data / folder).is_dir(), folder

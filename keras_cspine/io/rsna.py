@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from keras_cspine.errors import CsvSchemaError, CSpineDataError
+from keras_cspine.errors import CSpineDataError, CsvSchemaError
 from keras_cspine.utils import atomic_write
 
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
@@ -34,7 +34,7 @@ DATA_SPEC_DIR = Path(__file__).resolve().parent.parent / "data_spec"
 KNOWN_BAD_STUDIES = ("1.2.826.0.1.3680043.20574", "1.2.826.0.1.3680043.29952")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_schema(name: str) -> dict[str, Any]:
     """The JSON Schema ``data_spec/<name>.schema.json`` (e.g. ``"train"``)."""
     path = DATA_SPEC_DIR / f"{name}.schema.json"
@@ -42,7 +42,7 @@ def load_schema(name: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_layout() -> dict[str, Any]:
     """``data_spec/layout.json``."""
     with open(DATA_SPEC_DIR / "layout.json", encoding="utf-8") as handle:
