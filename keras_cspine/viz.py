@@ -41,9 +41,11 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def model_box(box: Sequence[float], rows: int, columns: int, size: int) -> list[float]:
     """A native-pixel ``[x, y, w, h]`` box in the coordinates of the ``size`` x ``size`` model image."""
-    from keras_cspine.preprocess import native_to_model_box
+    from keras_cspine.preprocess import square_transform
 
-    return native_to_model_box(box, rows, columns, size)
+    scale, offset_x, offset_y = square_transform(rows, columns, size)
+    x, y, w, h = box
+    return [x * scale + offset_x, y * scale + offset_y, w * scale, h * scale]
 
 
 def label_text(labels: Sequence[int]) -> str:
