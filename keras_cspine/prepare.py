@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 
 from keras_cspine import __version__
 from keras_cspine.errors import BoxError, CSpineDataError
+from keras_cspine.io.dicom import list_series_files
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout, validate_frame
-from keras_cspine.utils import atomic_write, write_json
+from keras_cspine.utils import atomic_path, atomic_write, write_json
 
 CACHE_FORMAT = 1
 INDEX_COLUMNS = (
@@ -109,26 +110,26 @@ def read_settings(prepared: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Work units (module level so that worker processes can run them)
 # --------------------------------------------------------------------------------------------
-def _read_study_meta(folder: str):
-    from keras_cspine.io.dicom import read_series_meta
-
-    return read_series_meta(folder)
-
-
 def _render_chunk(
     paths: Sequence[str], start: int, cache_tmp: str, mode: str, size: int, decoder: str
-) -> int:
-    """Decode, preprocess and store slices ``start .. start+len(paths)`` of one study."""
+) -> list:
+    """Decode, preprocess and store files ``start .. start+len(paths)`` (file order) of a study.
+
+    Returns the files' SliceMeta: each file is parsed once, here, and the series is ordered from
+    these headers afterwards (``keras_cspine.io.dicom.series_from_slices``).
+    """
     from keras_cspine.io.dicom import read_slice
     from keras_cspine.preprocess import to_model_image
 
     cache = np.load(cache_tmp, mmap_mode="r+")
+    metas = []
     for offset, path in enumerate(paths):
-        hu, _ = read_slice(path, decoder=decoder)
+        hu, meta = read_slice(path, decoder=decoder)
         cache[start + offset] = to_model_image(hu, mode=mode, size=size)
+        metas.append(meta)
     cache.flush()
     del cache
-    return len(paths)
+    return metas
 
 
 def _slice_labels(layout: RsnaLayout, uid: str, meta) -> tuple[np.ndarray, bool]:
@@ -315,16 +316,36 @@ def _record_errors(path: Path, errors: list[dict[str, str]]) -> None:
         frame.drop_duplicates().to_csv(handle, index=False)
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Worker processes that start fast and are safe beside TensorFlow or torch.
+
+    Plain fork is not safe once TensorFlow runs threads in the parent; spawn re-imports everything
+    in every worker (seconds each). A forkserver imports the decoding stack once and forks workers
+    from that clean process.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["keras_cspine.io.dicom", "keras_cspine.preprocess",
+                                        "pydicom", "PIL.Image"])  # fmt: skip
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _run_studies(
     layout, todo, out, settings, boxes, boxes_path, errors, strict,
     workers, chunk_slices, decoder, progress, marker, digest,
 ):  # fmt: skip
-    """Read headers, allocate each study's cache, render chunks in parallel, finish studies."""
+    """Allocate each study's cache, render chunks of files in parallel, then finish each study.
+
+    Chunks are rendered in file order into ``.<uid>.npy.partial``; when a study's last chunk is
+    in, its headers give the series order and the cache is written in that order.
+    """
     workers = workers or os.cpu_count() or 1
     pool: cf.Executor | None = None
     if workers > 1:
-        # spawn: safe when the caller has TensorFlow loaded (fork after TF can deadlock).
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = cf.ProcessPoolExecutor(workers, mp_context=_worker_context())
+    elif workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
 
     def submit(fn, *args):
         if pool is None:
@@ -354,47 +375,51 @@ def _run_studies(
         skipped.append(uid)
 
     try:
-        pending = {submit(_read_study_meta, str(layout.series_dir(u, settings.split))): ("meta", u)
-                   for u in todo}  # fmt: skip
+        pending: dict[cf.Future, tuple[str, int]] = {}  # future -> (study, first file rank)
+        for uid in todo:
+            try:
+                numbered = list_series_files(layout.series_dir(uid, settings.split))
+            except CSpineDataError as err:
+                fail(uid, err)
+                continue
+            n = len(numbered)
+            tmp = out / "cache" / f".{uid}.npy.partial"
+            np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(n, settings.size, settings.size, 3)
+            ).flush()
+            state[uid] = {"numbered": numbered, "tmp": tmp, "metas": [None] * n, "left": 0}
+            bar.total += n
+            paths = [str(path) for _, path in numbered]
+            for start in range(0, n, chunk_slices):
+                job = submit(_render_chunk, paths[start : start + chunk_slices], start, str(tmp),
+                             settings.mode, settings.size, decoder)  # fmt: skip
+                pending[job] = (uid, start)
+                state[uid]["left"] += 1
+        bar.refresh()
         while pending:
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for future in finished:
-                kind, uid = pending.pop(future)
-                if uid not in state and kind == "chunk":
+                uid, start = pending.pop(future)
+                if uid not in state:
                     continue  # the study already failed
                 try:
-                    result = future.result()
+                    metas = future.result()
                 except (CSpineDataError, OSError, ValueError) as err:
                     fail(uid, err)
                     continue
-                if kind == "meta":
-                    meta = result
-                    n = len(meta.slices)
-                    tmp = out / "cache" / f".{uid}.npy.partial"
-                    np.lib.format.open_memmap(
-                        tmp, mode="w+", dtype=np.uint8, shape=(n, settings.size, settings.size, 3)
-                    ).flush()
-                    state[uid] = {"meta": meta, "tmp": tmp, "left": 0}
-                    bar.total += n
-                    bar.refresh()
-                    paths = [s.path for s in meta.slices]
-                    for start in range(0, n, chunk_slices):
-                        job = submit(_render_chunk, paths[start : start + chunk_slices], start,
-                                     str(tmp), settings.mode, settings.size, decoder)  # fmt: skip
-                        pending[job] = ("chunk", uid)
-                        state[uid]["left"] += 1
-                else:
-                    bar.update(result)
-                    slices_done += result
-                    state[uid]["left"] -= 1
-                    if state[uid]["left"] == 0:
-                        try:
-                            _finish_study(layout, uid, state[uid], out, boxes, boxes_path,
-                                          errors, strict, marker, digest)  # fmt: skip
-                        except (CSpineDataError, OSError, ValueError) as err:
-                            fail(uid, err)
-                            continue
-                        state.pop(uid)
+                info = state[uid]
+                info["metas"][start : start + len(metas)] = metas
+                bar.update(len(metas))
+                slices_done += len(metas)
+                info["left"] -= 1
+                if info["left"] == 0:
+                    try:
+                        _finish_study(layout, uid, info, out, boxes, boxes_path, errors, strict,
+                                      marker, digest)  # fmt: skip
+                    except (CSpineDataError, OSError, ValueError) as err:
+                        fail(uid, err)
+                        continue
+                    state.pop(uid)
     finally:
         bar.close()
         if pool is not None:
@@ -405,7 +430,10 @@ def _run_studies(
 
 
 def _finish_study(layout, uid, info, out, boxes, boxes_path, errors, strict, marker, digest):
-    meta = info["meta"]
+    from keras_cspine.io.dicom import series_from_slices
+
+    numbers = [number for number, _ in info["numbered"]]
+    meta = series_from_slices(info["numbered"][0][1].parent, numbers, info["metas"])
     try:
         labels, known = _slice_labels(layout, uid, meta)
     except CSpineDataError as err:
@@ -416,7 +444,21 @@ def _finish_study(layout, uid, info, out, boxes, boxes_path, errors, strict, mar
     study_boxes = _study_boxes(boxes, uid, meta, boxes_path, errors, strict)
     cache_file = f"cache/{uid}.npy"
     rows = _index_rows(uid, meta, labels, known, study_boxes, cache_file)
-    os.replace(info["tmp"], out / cache_file)
+    rank = {number: i for i, number in enumerate(numbers)}
+    order = np.array([rank[number] for number in meta.slice_numbers])
+    if np.array_equal(order, np.arange(len(order))):
+        os.replace(info["tmp"], out / cache_file)  # file order is series order (head-first)
+    else:
+        file_order = np.load(info["tmp"], mmap_mode="r")
+        with atomic_path(out / cache_file) as tmp:
+            series_order = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                                     shape=file_order.shape)  # fmt: skip
+            for start in range(0, len(order), 64):
+                series_order[start : start + 64] = file_order[order[start : start + 64]]
+            series_order.flush()
+            del series_order
+        del file_order
+        Path(info["tmp"]).unlink()
     with atomic_write(out / "studies" / f"{uid}.csv", newline="") as handle:
         pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(handle, index=False)
     write_json(marker(uid), {"settings_digest": digest, "n_slices": len(rows),

@@ -54,6 +54,7 @@ __all__ = [
     "read_series",
     "read_series_meta",
     "read_slice",
+    "series_from_slices",
     "transfer_syntax_name",
 ]
 
@@ -645,6 +646,46 @@ def read_series_meta(folder: str | os.PathLike) -> SeriesMeta:
     for _, path in numbered:
         ds = _parse(path, path, stop_before_pixels=True)
         metas.append(_slice_meta(ds, path, require_geometry=True))
+    return series_from_slices(folder, [n for n, _ in numbered], metas)
+
+
+_GEOMETRY_TAGS = (
+    ("image_position", "ImagePositionPatient"),
+    ("image_orientation", "ImageOrientationPatient"),
+    ("pixel_spacing", "PixelSpacing"),
+)
+
+
+def series_from_slices(
+    folder: str | os.PathLike, numbers: Sequence[int], metas: Sequence[SliceMeta]
+) -> SeriesMeta:
+    """Order and check the slices of one series whose headers were already read.
+
+    ``numbers[i]`` is the file number of ``metas[i]``. This is what :func:`read_series_meta`
+    does after reading the headers; ``prepare`` calls it with the :class:`SliceMeta` that
+    :func:`read_slice` returned while decoding, so every file is parsed once.
+
+    Raises:
+        DicomReadError: naming the file at fault (missing geometry, mixed series, sizes,
+            orientations or spacings, duplicate positions, a non-axial series).
+    """
+    folder = Path(folder)
+    if not metas or len(numbers) != len(metas):
+        raise DicomReadError(folder, f"{len(numbers)} file numbers for {len(metas)} slices")
+    for meta in metas:
+        for field, tag in _GEOMETRY_TAGS:
+            if not np.all(np.isfinite(getattr(meta, field))):
+                raise DicomReadError(meta.path, f"missing {tag} (needed to order the series)")
+        row_cos = np.asarray(meta.image_orientation[:3])
+        col_cos = np.asarray(meta.image_orientation[3:])
+        if (abs(np.linalg.norm(row_cos) - 1) > 0.01 or abs(np.linalg.norm(col_cos) - 1) > 0.01
+                or abs(float(row_cos @ col_cos)) > 0.01):  # fmt: skip
+            raise DicomReadError(
+                meta.path,
+                f"ImageOrientationPatient {meta.image_orientation} is not two orthogonal unit vectors",
+            )
+        if min(meta.pixel_spacing) <= 0:
+            raise DicomReadError(meta.path, f"PixelSpacing must be positive, got {meta.pixel_spacing}")
     first = metas[0]
     for meta in metas[1:]:
         where = Path(meta.path)
@@ -695,7 +736,7 @@ def read_series_meta(folder: str | os.PathLike) -> SeriesMeta:
         )  # fmt: skip
 
     slices = tuple(metas[i] for i in order)
-    numbers = tuple(numbered[i][0] for i in order)
+    numbers = tuple(int(numbers[i]) for i in order)
     dr, dc = first.pixel_spacing
     affine = np.eye(4)
     affine[:3, 0] = row_cos * dc
