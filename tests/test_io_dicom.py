@@ -4,6 +4,8 @@ series (ordering, geometry, bad folders), on pydicom's real test files and on fi
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from helpers_dicom import (
     phantom,
     save,
     tilted_orientation,
+    to_jpeg_lossless,
     write_series,
 )
 from pydicom.data import get_testdata_file
@@ -101,14 +104,27 @@ def test_pixel_representation_mismatch_is_sign_corrected():
 
 
 @needs_dicomsdl
-def test_dicomsdl_decodes_pydicoms_jpeg_lossless_file_identically():
-    # the only JPEG Lossless SV1 file pydicom ships offline is RGB: read_slice refuses it (not a CT
-    # slice), but the decoder underneath must agree with pydicom on it bit for bit
-    path = pydicom_file("SC_rgb_jpeg_gdcm.dcm")
+def test_dicomsdl_first_decode_in_a_fresh_process_is_exact(tmp_path, slice_hu):
+    # dicomsdl's 8-bit JPEG decoder fails on its first call in a process (pydicom's
+    # SC_rgb_jpeg_gdcm.dcm decodes to garbage once, then correctly); read_slice hands dicomsdl only
+    # 16-bit data. Check that path where the bug would bite: the very first decode of a process.
+    src = save(ct_dataset(slice_hu, bits_stored=12), tmp_path / "plain.dcm")
+    jpeg = to_jpeg_lossless(src, tmp_path / "jpeg.dcm")
+    code = (
+        "import sys, numpy as np; from keras_cspine.io.dicom import read_slice; "
+        "auto, _ = read_slice(sys.argv[1], decoder='dicomsdl'); "
+        "ref, _ = read_slice(sys.argv[1], decoder='pydicom'); "
+        "sys.exit(0 if np.array_equal(auto, ref) else 3)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(jpeg)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_eight_bit_files_never_reach_dicomsdl(monkeypatch):
+    path = pydicom_file("SC_rgb_jpeg_gdcm.dcm")  # 8-bit JPEG Lossless SV1 (RGB)
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
-    decoded = dicom._decode_dicomsdl(dicom._open_dicomsdl(Path(path).read_bytes()))
-    np.testing.assert_array_equal(decoded, ds.pixel_array)
+    monkeypatch.setattr(dicom, "_open_dicomsdl", lambda raw: pytest.fail("8-bit data sent to dicomsdl"))
     error = expect_read_error(path)
     assert "MONOCHROME" in error.problem and "RGB" in error.problem
 

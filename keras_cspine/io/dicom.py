@@ -67,7 +67,9 @@ _NATIVE_LE = frozenset({_IMPLICIT_LE, _EXPLICIT_LE})
 _JPEG_LOSSLESS = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"})
 _JPEG_2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 #: transfer syntaxes handed to dicomsdl (checked bit-identical to pydicom in the tests). RLE is
-#: left to pydicom: dicomsdl mis-handles some RLE files and gains nothing there.
+#: left to pydicom: dicomsdl mis-handles some RLE files and gains nothing there. Only 16-bit data
+#: (every CT) goes to dicomsdl: its 8-bit JPEG decoder returns garbage on the first call in a
+#: process ("Corrupt JPEG data: bad Huffman code", dicomsdl 0.109.4).
 _DICOMSDL_SYNTAXES = _NATIVE_LE | _JPEG_LOSSLESS | _JPEG_2000
 
 #: what to install to decode a compressed transfer syntax (first choice, then alternatives)
@@ -572,7 +574,7 @@ def read_slice(path: str | os.PathLike, *, decoder: str = "auto") -> tuple[np.nd
     layout = _pixel_layout(ds, path, syntax)  # must pass before dicomsdl sees the bytes
     meta = stored = None
     if (decoder != "pydicom" and syntax in _DICOMSDL_SYNTAXES and dicomsdl_available()
-            and layout.checked and layout.bits_allocated in (8, 16)):  # fmt: skip
+            and layout.checked and layout.bits_allocated == 16):  # fmt: skip
         sdl = _open_dicomsdl(raw)
         if sdl is not None:
             photometric = str(ds.PhotometricInterpretation).strip()
