@@ -145,7 +145,9 @@ def figure_sagittal(index, prepared: str | os.PathLike, uid: str, probabilities=
         on = labels[:, k] == 1
         if on.any():
             ax_lab.plot(np.full(on.sum(), k + 0.45), z[on], "|", color=colour, markersize=4)
-            ax_img.axhspan(z[on].min(), z[on].max(), xmin=0.0, xmax=0.03, color=colour)
+            # one narrow column per vertebra, so that overlaps (dens in the C1 ring) stay visible
+            ax_img.axhspan(z[on].min(), z[on].max(), xmin=0.012 * k, xmax=0.012 * (k + 1),
+                           color=colour)  # fmt: skip
         boxes_on = study.has_fracture_box.to_numpy() == 1
         if boxes_on.any():
             ax_img.plot(np.full(boxes_on.sum(), sagittal.shape[1] * 0.98), z[boxes_on], "<",
