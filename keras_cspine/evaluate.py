@@ -1,0 +1,267 @@
+"""Stage 1 evaluation: ``python -m keras_cspine evaluate RUN_DIR [--split test]``.
+
+Serves the paper's Section 4: Table 1 (macro F1, exact match ratio, coverage error, trainable and
+non-trainable parameters), Table 2 (the per-class ``classification_report``) and Figure 6 (the
+training and validation loss curves). All metrics come from scikit-learn on one set of per-slice
+predictions of the run's best model (``model.keras``) on a held-out split of studies.
+
+Files written into the run directory (atomically):
+
+- ``metrics.json``: the Table 1 figures, parameter counts, split and sizes;
+- ``table1_row.csv`` / ``table1_row.md``: the run's Table 1 row beside the paper's numbers;
+- ``table2.csv`` / ``table2.md``: the per-class report;
+- ``predictions.csv``: study, slice, true labels and scores for every evaluated slice;
+- ``figures/loss_curves.png``: Figure 6 (loss and macro F1 per epoch, train and validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keras_cspine.errors import CSpineDataError
+from keras_cspine.io.rsna import VERTEBRAE
+from keras_cspine.metrics import classification_report_frame, multilabel_metrics
+from keras_cspine.utils import atomic_path, atomic_write, write_json
+
+#: Table 1 of the paper: row -> (macro F1, exact match ratio, coverage error).
+PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
+    "Proposed (GCViT)": (0.96, 0.95, 1.26),
+    "ViT": (0.94, 0.90, 1.41),
+    "ConvNeXt": (0.95, 0.93, 1.35),
+    "InceptionV3": (0.92, 0.89, 1.45),
+    "ResNet152V2": (0.96, 0.94, 1.26),
+    "Swin": (0.95, 0.909, 1.36),
+}
+#: Parameter counts of the proposed model in Table 1.
+PAPER_PARAMETERS = {"trainable": 13_080_663, "non_trainable": 14_683_998}
+
+TABLE1_COLUMNS = (
+    "row", "model", "macro_f1", "exact_match_ratio", "coverage_error", "trainable",
+    "non_trainable", "paper_macro_f1", "paper_exact_match_ratio", "paper_coverage_error",
+    "split", "n_studies", "n_slices", "image_size", "data",
+)  # fmt: skip
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f", index: bool = False) -> str:
+    """A GitHub Markdown table of ``frame`` (no extra dependency)."""
+    if index:
+        frame = frame.reset_index()
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if math.isnan(value) else format(float(value), floatfmt)
+        if isinstance(value, int | np.integer):
+            return f"{int(value):,}" if abs(int(value)) >= 10_000 else str(int(value))
+        return "" if value is None else str(value)
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike,
+                     title: str = "") -> Path:  # fmt: skip
+    """Figure 6: loss (and macro F1 when logged) per epoch, train vs validation; atomic PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history.get("loss"):
+        raise ValueError("history has no 'loss' values to plot")
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    panels = [("loss", "binary cross-entropy")]
+    if history.get("f1_score"):
+        panels.append(("f1_score", "macro F1"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot(epochs, history[key], marker="o", label="train")
+        if history.get(f"val_{key}"):
+            ax.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def table1_row(
+    row: str | None, model_name: str, metrics: Mapping[str, float], parameters: Mapping[str, int],
+    **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One Table 1 row: our figures beside the paper's (blank for models outside the table)."""
+    paper = PAPER_TABLE1.get(row or "", (math.nan, math.nan, math.nan))
+    out = {
+        "row": row or model_name,
+        "model": model_name,
+        "macro_f1": metrics["macro_f1"],
+        "exact_match_ratio": metrics["exact_match_ratio"],
+        "coverage_error": metrics["coverage_error"],
+        "trainable": int(parameters["trainable"]),
+        "non_trainable": int(parameters["non_trainable"]),
+        "paper_macro_f1": paper[0],
+        "paper_exact_match_ratio": paper[1],
+        "paper_coverage_error": paper[2],
+    }
+    out.update(extra)
+    return out
+
+
+def table1_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows of :func:`table1_row` as a DataFrame in the standard column order."""
+    frame = pd.DataFrame(list(rows))
+    columns = [c for c in TABLE1_COLUMNS if c in frame.columns]
+    return frame[columns + [c for c in frame.columns if c not in columns]]
+
+
+def write_table(frame: pd.DataFrame, stem: str | os.PathLike, index: bool = False) -> None:
+    """Write ``stem.csv`` and ``stem.md`` atomically."""
+    stem = Path(stem)
+    with atomic_write(stem.with_suffix(".csv"), newline="") as handle:
+        frame.to_csv(handle, index=index)
+    with atomic_write(stem.with_suffix(".md")) as handle:
+        handle.write(markdown_table(frame, index=index))
+
+
+def predict_sequence(model, sequence) -> tuple[np.ndarray, np.ndarray]:
+    """``(y_true, y_score)`` of a non-shuffled CSpineSequence, in its frame order."""
+    if sequence.shuffle or sequence.balance or sequence.augment is not None:
+        raise ValueError("evaluate on a sequence without shuffle, balance or augmentation")
+    scores = np.asarray(model.predict(sequence, verbose=0), dtype=np.float64)
+    if scores.shape != sequence.labels.shape:
+        raise ValueError(f"model gave {scores.shape} scores for {sequence.labels.shape} labels")
+    return sequence.labels.astype(np.int64), scores
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    prepared: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a training run's best model on one split and write the tables and figure.
+
+    Args:
+        run_dir: a directory written by :func:`keras_cspine.train.train_stage1`.
+        split: "test", "val" or "train" (the studies listed in ``splits.json``).
+        prepared: another prepare folder holding those studies (default: the training one).
+        batch_size: prediction batch size (default: the run's).
+
+    Returns:
+        ``{"split", "metrics", "parameters", "table1_row", "table2", "files"}``.
+    """
+    import keras
+
+    from keras_cspine.config import load_config
+    from keras_cspine.data import CSpineSequence
+    from keras_cspine.models.baselines import count_parameters, get_spec
+    from keras_cspine.train import Stage1Config, history_from_log
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "splits.json", "model.keras"):
+        if not (run_dir / name).is_file():
+            raise CSpineDataError(run_dir / name, "missing: not a finished training run directory")
+    config = load_config(Stage1Config, run_dir / "config.yaml")
+    with open(run_dir / "splits.json", encoding="utf-8") as handle:
+        splits = json.load(handle)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if not splits.get(split):
+        raise CSpineDataError(run_dir / "splits.json", f"the {split!r} split is empty")
+    prepared = Path(prepared or splits["prepared"])
+
+    model = keras.saving.load_model(run_dir / "model.keras")
+    sequence = CSpineSequence(
+        prepared, splits[split], batch_size=batch_size or config.train.batch_size,
+        inputs=get_spec(config.model.name).inputs, metadata_columns=config.data.metadata_columns,
+        image_size=config.data.image_size,
+    )  # fmt: skip
+    y_true, y_score = predict_sequence(model, sequence)
+    metrics = multilabel_metrics(y_true, y_score)
+    parameters = count_parameters(model)
+    report = classification_report_frame(y_true, y_score, VERTEBRAE)
+
+    files = {}
+    extra = {
+        "split": split, "n_studies": len(sequence.study_uids), "n_slices": sequence.num_samples,
+        "image_size": sequence.image_size, "data": str(prepared),
+    }  # fmt: skip
+    row = table1_row(config.paper_row, config.model.name, metrics, parameters, **extra)
+    write_table(table1_frame([row]), run_dir / "table1_row")
+    files["table1_row"] = str(run_dir / "table1_row.csv")
+    write_table(report, run_dir / "table2", index=True)
+    files["table2"] = str(run_dir / "table2.csv")
+
+    predictions = sequence.frame[["StudyInstanceUID", "slice_number", "series_index"]].copy()
+    for k, name in enumerate(VERTEBRAE):
+        predictions[name] = y_true[:, k]
+    for k, name in enumerate(VERTEBRAE):
+        predictions[f"p_{name}"] = np.round(y_score[:, k], 6)
+    with atomic_write(run_dir / "predictions.csv", newline="") as handle:
+        predictions.to_csv(handle, index=False)
+    files["predictions"] = str(run_dir / "predictions.csv")
+
+    history = history_from_log(run_dir / "training_log.csv")
+    if history.get("loss"):
+        figure = plot_loss_curves(
+            history, run_dir / "figures" / "loss_curves.png", title=f"{config.name} (Figure 6)"
+        )
+        files["loss_curves"] = str(figure)
+
+    result = {
+        "split": split,
+        "metrics": metrics,
+        "parameters": parameters,
+        "table1_row": row,
+        "table2": json.loads(report.to_json(orient="index")),
+        "files": files,
+    }
+    write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m keras_cspine evaluate``."""
+    parser.add_argument("run_dir", help="a training run directory (with model.keras)")
+    parser.add_argument("--split", default="test", choices=("test", "val", "train"))
+    parser.add_argument("--data", help="prepare folder holding the split's studies")
+    parser.add_argument("--batch-size", type=int, help="prediction batch size")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed arguments; prints Tables 1 and 2."""
+    result = evaluate_run(args.run_dir, args.split, args.data, args.batch_size)
+    run_dir = Path(args.run_dir)
+    print((run_dir / "table1_row.md").read_text(encoding="utf-8"))
+    print((run_dir / "table2.md").read_text(encoding="utf-8"))
+    print(f"[evaluate] wrote {', '.join(sorted(result['files'].values()))}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keras_cspine.evaluate``."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

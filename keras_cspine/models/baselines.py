@@ -1,0 +1,417 @@
+"""The model registry of Table 1: the paper's two-input GCViT and the image-only baselines.
+
+Paper Section 4 (Table 1) compares the proposed GCViT model (image + metadata) with image-only
+baselines: ViT, ConvNeXt, InceptionV3, ResNet152V2 and Swin (VGG19 and DenseNet are named in the
+text). Every model here ends in the same 7-sigmoid head (C1..C7 presence), built by name with
+:func:`build_model`:
+
+=================  ==========================================  =================  =========
+name               backbone                                    inputs             preprocess
+=================  ==========================================  =================  =========
+gcvit_tiny         GCViT-tiny (paper), models/classifier.py    image + metadata   (model's)
+gcvit_xtiny        GCViT-xtiny                                 image + metadata   (model's)
+gcvit_xxtiny       GCViT-xxtiny (small, for CPU runs)          image + metadata   (model's)
+resnet152v2        keras.applications.ResNet152V2              image              tf
+vgg19              keras.applications.VGG19                    image              caffe
+densenet121        keras.applications.DenseNet121              image              torch
+inceptionv3        keras.applications.InceptionV3              image              tf
+convnext_tiny      keras.applications.ConvNeXtTiny             image              (built in)
+vit                keras_hub ViTBackbone (ViT-B/16 shape)      image              tf
+swin               keras_hub SwinTransformerBackbone (Swin-T)  image              torch
+metadata_only      none: position and slice ratio only         metadata           -
+=================  ==========================================  =================  =========
+
+Every image model is a ``keras_cspine.models.classifier.MultiInputClassifier``: the GCViT ones
+with their metadata branch, the baselines through ``build_image_classifier`` (the paper's head
+without the metadata branch: global average pooling -> Dense(64) -> Dense(256) -> Dense(7,
+sigmoid) named ``vertebrae``). The baselines' backbones are registered by name with
+``classifier.register_backbone`` when this module is imported, so a saved baseline reloads after
+``import keras_cspine.models.baselines``. Images enter as float 0-255 RGB under the input name
+``image``; each backbone normalises them itself (an :class:`ImagePreprocessing` layer in the mode
+its ImageNet weights expect).
+
+``metadata_only`` is not a paper model: it measures how much of the task position alone solves
+(a control for leakage through the metadata input).
+
+Weights (nothing is ever downloaded): ``None`` (random, the default); a path (``.weights.h5``:
+weights of the whole model saved by Keras; another ``.h5``: ImageNet "notop" backbone weights of a
+keras.applications model; a folder: a local keras-hub preset for ``vit``/``swin``; a timm file for
+GCViT); ``"imagenet"`` only when the notop file is already in the local Keras cache
+(``$KERAS_HOME/models``, default ``~/.keras/models``), otherwise :class:`WeightsNotFoundError`.
+
+keras-hub (``vit``, ``swin``) is the optional extra ``baselines`` and is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_cspine.errors import MissingDependencyError
+
+NUM_CLASSES = 7
+IMAGE_MODES = ("image+metadata", "image", "metadata")
+
+__all__ = [
+    "REGISTRY",
+    "ImagePreprocessing",
+    "ModelSpec",
+    "WeightsNotFoundError",
+    "available_models",
+    "build_model",
+    "count_parameters",
+    "get_spec",
+]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Requested weights are not available locally (nothing is downloaded)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="keras_cspine")
+class ImagePreprocessing(keras.layers.Layer):
+    """Map 0-255 RGB images to what a backbone's ImageNet weights expect.
+
+    Args:
+        mode: ``"tf"`` (scale to [-1, 1]), ``"torch"`` (0-1 then ImageNet mean/std),
+            ``"caffe"`` (RGB -> BGR, minus the ImageNet BGR means), ``"unit"`` (0-1) or
+            ``"none"``. These are the modes of ``keras.applications.imagenet_utils``.
+    """
+
+    MODES = ("tf", "torch", "caffe", "unit", "none")
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = keras.ops.convert_to_tensor(_IMAGENET_MEAN, self.compute_dtype)
+            std = keras.ops.convert_to_tensor(_IMAGENET_STD, self.compute_dtype)
+            return (x / 255.0 - mean) / std
+        if self.mode == "caffe":
+            mean = keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, self.compute_dtype)
+            return keras.ops.flip(x, axis=-1) - mean
+        if self.mode == "unit":
+            return x / 255.0
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode}
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the registry.
+
+    Args:
+        name: registry key (also the backbone name registered with the classifier).
+        inputs: what the model reads: ``"image+metadata"``, ``"image"`` or ``"metadata"`` (the
+            matching ``CSpineSequence(inputs=...)``).
+        description: one line for listings.
+        paper: the Table 1 row name, or None for models outside the table.
+        min_size: smallest accepted image side.
+        backbone: for image-only baselines, the builder registered with
+            ``keras_cspine.models.classifier.register_backbone``.
+        default_freeze: the freeze spec used when ``build_model(freeze=None)``.
+    """
+
+    name: str
+    inputs: str
+    description: str
+    paper: str | None = None
+    min_size: int = 32
+    backbone: Callable[..., keras.Model] | None = field(default=None, repr=False)
+    default_freeze: str | None = None
+
+
+def _keras_cache_file(file_name: str) -> Path | None:
+    base = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    candidate = base / "models" / file_name
+    return candidate if candidate.is_file() else None
+
+
+def _resolve_application_weights(weights, notop_file: str, name: str) -> str | None:
+    """None, a local .h5 path, or a cached ImageNet notop file (never a download)."""
+    if weights is None:
+        return None
+    if weights == "imagenet":
+        cached = _keras_cache_file(notop_file)
+        if cached is None:
+            raise WeightsNotFoundError(
+                f"{name}: ImageNet weights requested but {notop_file} is not in the local Keras "
+                f"cache ($KERAS_HOME/models or ~/.keras/models); nothing is downloaded. Copy the "
+                f"file there or pass its path as weights."
+            )
+        return str(cached)
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: weights file not found")
+    return str(path)
+
+
+def _application_backbone(
+    name: str, app_name: str, preprocess: str | None, notop_file: str
+) -> Callable[..., keras.Model]:
+    """A backbone builder for ``classifier.register_backbone``: 0-255 images -> feature map."""
+
+    def build(image_size, weights=None, **kwargs) -> keras.Model:
+        if kwargs:
+            raise TypeError(f"{name}: {app_name} takes no backbone_kwargs, got {sorted(kwargs)}")
+        h, w = image_size
+        resolved = _resolve_application_weights(weights, notop_file, name)
+        app_kwargs: dict[str, Any] = {}
+        if app_name.startswith("ConvNeXt"):
+            app_kwargs["include_preprocessing"] = True  # ConvNeXt normalises 0-255 itself
+        app = getattr(keras.applications, app_name)(
+            include_top=False, weights=resolved, input_shape=(h, w, 3), **app_kwargs
+        )
+        inputs = keras.Input((h, w, 3), name="pixels")
+        x = ImagePreprocessing(preprocess, name="preprocess")(inputs) if preprocess else inputs
+        return keras.Model(inputs, app(x), name=f"{name}_backbone")
+
+    return build
+
+
+def _keras_hub():
+    try:
+        import keras_hub
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("keras-hub", "baselines", "The ViT and Swin baselines") from err
+    return keras_hub
+
+
+VIT_B16 = {"patch_size": 16, "num_layers": 12, "num_heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
+SWIN_T = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7}
+
+
+def _hub_backbone(
+    name: str, kind: str, preprocess: str, defaults: dict[str, Any]
+) -> Callable[..., keras.Model]:
+    """keras-hub ViT / Swin as a registered backbone (tokens are averaged into a vector)."""
+
+    def build(image_size, weights=None, **kwargs) -> keras.Model:
+        keras_hub = _keras_hub()
+        cls = getattr(keras_hub.models, kind)
+        h, w = image_size
+        if weights == "imagenet":
+            raise WeightsNotFoundError(
+                f"{name}: keras-hub presets are downloaded from Kaggle, which this package never "
+                f"does; pass the path of a local preset folder as weights instead"
+            )
+        if weights is not None:
+            if not Path(weights).is_dir():
+                raise WeightsNotFoundError(f"{weights}: not a local keras-hub preset folder")
+            hub = cls.from_preset(str(weights), image_shape=(h, w, 3))
+        else:
+            config = {**defaults, **kwargs}
+            for key in ("depths", "num_heads"):
+                if isinstance(config.get(key), list):
+                    config[key] = tuple(config[key])
+            hub = cls(image_shape=(h, w, 3), **config)
+        inputs = keras.Input((h, w, 3), name="pixels")
+        x = hub(ImagePreprocessing(preprocess, name="preprocess")(inputs))
+        if len(x.shape) == 3:  # (B, tokens, C): average the tokens
+            x = keras.layers.GlobalAveragePooling1D(name="token_pool")(x)
+        return keras.Model(inputs, x, name=f"{name}_backbone")
+
+    return build
+
+
+def _build_metadata_only(
+    image_size: int,
+    num_classes: int,
+    num_metadata: int = 2,
+    metadata_units: Sequence[int] = (16, 16),
+    head_units: Sequence[int] = (256,),
+    name: str = "metadata_only",
+) -> keras.Model:
+    """Position-only control: the paper's metadata branch and head without any image."""
+    inputs = keras.Input((num_metadata,), name="metadata")
+    x = inputs
+    for i, units in enumerate(metadata_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"metadata_dense_{i}")(x)
+    for i, units in enumerate(head_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}")(x)
+    outputs = keras.layers.Dense(num_classes, activation="sigmoid", dtype="float32",
+                                 name="vertebrae")(x)  # fmt: skip
+    return keras.Model({"metadata": inputs}, outputs, name=name)
+
+
+def _image_spec(name, backbone_builder, description, paper=None, min_size=32, freeze="none"):
+    return ModelSpec(name, "image", description, paper=paper, min_size=min_size,
+                     backbone=backbone_builder, default_freeze=freeze)  # fmt: skip
+
+
+def _app(name, cls, preprocess, notop, paper=None, min_size=32):
+    return _image_spec(
+        name, _application_backbone(name, cls, preprocess, notop),
+        f"keras.applications.{cls}, image only", paper=paper, min_size=min_size,
+    )  # fmt: skip
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("gcvit_tiny", "image+metadata", "GCViT-tiny + metadata, the paper's model",
+                  paper="Proposed (GCViT)", default_freeze="levels_2"),
+        ModelSpec("gcvit_xtiny", "image+metadata", "GCViT-xtiny + metadata",
+                  default_freeze="none"),
+        ModelSpec("gcvit_xxtiny", "image+metadata",
+                  "GCViT-xxtiny + metadata (small, for CPU runs)", default_freeze="none"),
+        _app("resnet152v2", "ResNet152V2", "tf",
+             "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="ResNet152V2"),
+        _app("vgg19", "VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        _app("densenet121", "DenseNet121", "torch",
+             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        _app("inceptionv3", "InceptionV3", "tf",
+             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="InceptionV3",
+             min_size=75),
+        _app("convnext_tiny", "ConvNeXtTiny", None, "convnext_tiny_notop.h5", paper="ConvNeXt"),
+        _image_spec("vit", _hub_backbone("vit", "ViTBackbone", "tf", VIT_B16),
+                    "keras_hub ViTBackbone (ViT-B/16 shape), image only", paper="ViT"),
+        _image_spec("swin", _hub_backbone("swin", "SwinTransformerBackbone", "torch", SWIN_T),
+                    "keras_hub SwinTransformerBackbone (Swin-T shape), image only",
+                    paper="Swin"),
+        ModelSpec("metadata_only", "metadata",
+                  "position and slice ratio only (leakage control, not in the paper)",
+                  min_size=1),
+    )
+}  # fmt: skip
+
+
+def _register_backbones() -> None:
+    from keras_cspine.models.classifier import available_backbones, register_backbone
+
+    known = available_backbones()
+    for spec in REGISTRY.values():
+        if spec.backbone is not None and spec.name not in known:
+            register_backbone(spec.name, spec.backbone)
+
+
+_register_backbones()
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name``; ValueError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def build_model(
+    name: str,
+    *,
+    image_size: int = 224,
+    num_classes: int = NUM_CLASSES,
+    weights: str | os.PathLike | None = None,
+    freeze: str | None = None,
+    **kwargs,
+) -> keras.Model:
+    """Build a registry model by name (random weights unless ``weights`` says otherwise).
+
+    GCViT models are ``build_multi_input_classifier(backbone=name)``; image-only baselines are
+    ``build_image_classifier(backbone=name)`` (the same head minus the metadata branch), both
+    from :mod:`keras_cspine.models.classifier`, so every model shares one head and one saved
+    format.
+
+    Args:
+        name: a key of :data:`REGISTRY` (see :func:`available_models`).
+        image_size: input side in pixels (images are 0-255 RGB floats).
+        num_classes: sigmoid outputs (7: C1..C7).
+        weights: None; "imagenet" (local cache only); a ``.weights.h5`` file of the whole model;
+            another path: backbone weights (keras.applications notop ``.h5``, a keras-hub preset
+            folder, or a timm GCViT file).
+        freeze: the classifier's freeze spec: ``"none"``, ``"all"`` (alias ``"backbone"``) or a
+            backbone layer name (GCViT: ``"levels_2"`` is the paper's); None: the model's default.
+        **kwargs: passed to the classifier (``image_dense``, ``head_units``, ``dropout``,
+            ``backbone_kwargs`` such as ``{"num_layers": 1}`` for a tiny ViT...).
+
+    Returns:
+        A ``keras.Model`` with output ``vertebrae`` and the inputs of ``get_spec(name).inputs``.
+
+    Example:
+        >>> model = build_model("resnet152v2", image_size=64)
+        >>> model.output_shape
+        (None, 7)
+    """
+    from keras_cspine.models.classifier import (
+        build_image_classifier,
+        build_multi_input_classifier,
+    )
+
+    spec = get_spec(name)
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < spec.min_size:
+        raise ValueError(f"{name} needs an integer image_size >= {spec.min_size}, got {image_size!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if weights is not None and not isinstance(weights, str | os.PathLike):
+        raise TypeError(f"weights must be None, 'imagenet' or a path, got {weights!r}")
+    model_weights = None
+    if weights is not None:
+        weights = os.fspath(weights)
+        if weights.endswith(".weights.h5"):
+            if not Path(weights).is_file():
+                raise WeightsNotFoundError(f"{weights}: weights file not found")
+            model_weights, weights = weights, None
+    freeze = spec.default_freeze if freeze is None else freeze
+    if freeze == "backbone":
+        freeze = "all"
+
+    if spec.inputs == "image+metadata":
+        model = build_multi_input_classifier(
+            backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,
+            weights=weights, **kwargs,
+        )  # fmt: skip
+    elif spec.inputs == "image":
+        kwargs.setdefault("name", name)
+        kwargs.setdefault("rescaling", "none")  # each baseline backbone preprocesses itself
+        model = build_image_classifier(
+            backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,
+            weights=weights, **kwargs,
+        )  # fmt: skip
+    else:
+        if weights is not None or freeze not in (None, "none"):
+            raise ValueError(f"{name}: only whole-model .weights.h5 files apply, got {weights!r}")
+        model = _build_metadata_only(image_size, num_classes, **kwargs)
+    if model_weights is not None:
+        model.load_weights(model_weights)
+    return model
+
+
+def count_parameters(model: keras.Model) -> dict[str, int]:
+    """Trainable and non-trainable parameter counts (as in Table 1 and ``model.summary()``)."""
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
+    return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}

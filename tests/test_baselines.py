@@ -1,0 +1,147 @@
+"""The Table 1 model registry: same head, right inputs, preprocessing, weights, freezing, saving."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_cspine.models import baselines as B
+
+TINY_VIT = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+TINY_SWIN = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 2}
+
+
+def _inputs(model, size, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    names = [t.name for t in keras.tree.flatten(model.inputs)]
+    data = {"image": rng.uniform(0, 255, (n, size, size, 3)).astype("float32"),
+            "metadata": rng.uniform(0, 1, (n, 2)).astype("float32")}  # fmt: skip
+    return {k: v for k, v in data.items() if k in names}
+
+
+def test_registry_covers_table1_and_text():
+    names = B.available_models()
+    for name in ("gcvit_tiny", "vit", "convnext_tiny", "inceptionv3", "resnet152v2", "swin",
+                 "vgg19", "densenet121", "metadata_only"):  # fmt: skip
+        assert name in names
+    rows = {spec.paper for spec in B.REGISTRY.values() if spec.paper}
+    assert rows == {"Proposed (GCViT)", "ViT", "ConvNeXt", "InceptionV3", "ResNet152V2", "Swin"}
+    assert B.get_spec("gcvit_tiny").inputs == "image+metadata"
+    assert B.get_spec("resnet152v2").inputs == "image"
+    with pytest.raises(ValueError, match="known: gcvit_tiny"):
+        B.get_spec("alexnet")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vit", {"backbone_kwargs": TINY_VIT}),
+        ("swin", {"backbone_kwargs": TINY_SWIN}),
+        ("metadata_only", {}),
+        pytest.param("gcvit_xxtiny", {"backbone_kwargs": {"depths": (1, 1, 1, 1)}},
+                     marks=pytest.mark.slow),
+    ],
+)
+def test_small_models_share_the_head(name, kwargs):
+    model = B.build_model(name, image_size=32, **kwargs)
+    inputs = _inputs(model, 32)
+    expected = {"image+metadata": {"image", "metadata"}, "image": {"image"},
+                "metadata": {"metadata"}}[B.get_spec(name).inputs]  # fmt: skip
+    assert set(inputs) == expected
+    out = model.predict(inputs, verbose=0)
+    assert out.shape == (2, 7) and ((out > 0) & (out < 1)).all()
+    assert model.get_layer("vertebrae").activation.__name__ == "sigmoid"
+    if name != "metadata_only":
+        assert model.get_layer("image_dense").units == 64
+        assert model.get_layer("head_dense_0").units == 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, size",
+    [("resnet152v2", 32), ("vgg19", 32), ("densenet121", 32), ("inceptionv3", 75),
+     ("convnext_tiny", 32)],
+)  # fmt: skip
+def test_keras_applications_baselines(name, size):
+    model = B.build_model(name, image_size=size)
+    assert model.output_shape == (None, 7)
+    assert model.predict(_inputs(model, size), verbose=0).shape == (2, 7)
+    assert model.get_layer("image_dense").units == 64
+    if name == "vgg19":  # the cheapest one: a frozen backbone leaves only the head trainable
+        frozen = B.build_model(name, image_size=size, freeze="backbone")
+        head = 64 * (512 + 1) + 256 * (64 + 1) + 7 * (256 + 1)
+        assert B.count_parameters(frozen)["trainable"] == head
+
+
+def test_minimum_size_and_bad_arguments():
+    with pytest.raises(ValueError, match="image_size >= 75"):
+        B.build_model("inceptionv3", image_size=64)
+    with pytest.raises(ValueError, match="num_classes"):
+        B.build_model("vit", image_size=32, num_classes=0)
+    with pytest.raises(TypeError, match="weights"):
+        B.build_model("vit", image_size=32, weights=3)
+
+
+@pytest.mark.parametrize(
+    "mode, reference",
+    [("tf", "tf"), ("torch", "torch"), ("caffe", "caffe")],
+)
+def test_preprocessing_matches_keras_applications(mode, reference):
+    from keras.src.applications.imagenet_utils import preprocess_input
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = keras.ops.convert_to_numpy(B.ImagePreprocessing(mode)(x))
+    np.testing.assert_allclose(ours, preprocess_input(x.copy(), mode=reference), atol=1e-4)
+    with pytest.raises(ValueError, match="mode"):
+        B.ImagePreprocessing("zscore")
+
+
+def test_imagenet_weights_never_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(B.WeightsNotFoundError, match="resnet152v2_weights.*nothing is downloaded"):
+        B.build_model("resnet152v2", image_size=32, weights="imagenet")
+    with pytest.raises(B.WeightsNotFoundError, match="Kaggle"):
+        B.build_model("vit", image_size=32, weights="imagenet", backbone_kwargs=TINY_VIT)
+    with pytest.raises(B.WeightsNotFoundError, match="not found"):
+        B.build_model("vgg19", image_size=32, weights=tmp_path / "missing.weights.h5")
+
+
+def test_local_imagenet_cache_and_weight_files(tmp_path, monkeypatch):
+    # a notop file in the local Keras cache is used for "imagenet" (no network involved)
+    source = B.build_model("vgg19", image_size=32)
+    backbone = source.get_layer("vgg19_backbone").layers[-1]  # the keras.applications model
+    (tmp_path / "models").mkdir()
+    notop = tmp_path / "models" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(notop, "w") as handle:  # the legacy layout of the published notop files
+        legacy_h5_format.save_weights_to_hdf5_group(handle, backbone)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    loaded = B.build_model("vgg19", image_size=32, weights="imagenet")
+    kernel = loaded.get_layer("vgg19_backbone").layers[-1].weights[0]
+    np.testing.assert_array_equal(kernel.numpy(), backbone.weights[0].numpy())
+    # whole-model .weights.h5 files load into the rebuilt model
+    path = tmp_path / "vit.weights.h5"
+    vit = B.build_model("vit", image_size=32, backbone_kwargs=TINY_VIT)
+    vit.save_weights(path)
+    again = B.build_model("vit", image_size=32, backbone_kwargs=TINY_VIT, weights=path)
+    x = _inputs(vit, 32)
+    np.testing.assert_allclose(again.predict(x, verbose=0), vit.predict(x, verbose=0), atol=1e-6)
+
+
+def test_saved_baseline_round_trips(tmp_path):
+    model = B.build_model("swin", image_size=32, backbone_kwargs=TINY_SWIN)
+    path = tmp_path / "swin.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = _inputs(model, 32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)  # fmt: skip
+    assert B.count_parameters(loaded) == B.count_parameters(model)
+
+
+def test_freeze_backbone_leaves_the_head():
+    model = B.build_model("vit", image_size=32, freeze="backbone", backbone_kwargs=TINY_VIT)
+    counts = B.count_parameters(model)
+    head = 64 * (16 + 1) + 256 * (64 + 1) + 7 * (256 + 1)
+    assert counts["trainable"] == head and counts["non_trainable"] > 0

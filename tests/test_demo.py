@@ -1,0 +1,132 @@
+"""demo.py: the held-out split, the development view, and the whole demo from the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from helpers_cli import run_cli
+
+from keras_cspine.demo import DemoSettings, choose_holdout, split_dataset, summary_text
+from keras_cspine.io.rsna import RsnaLayout, read_submission
+
+
+def _labels(fractured: int, intact: int) -> pd.DataFrame:
+    uids = [f"1.2.826.0.1.3680043.{100 + i}" for i in range(fractured + intact)]
+    return pd.DataFrame({"StudyInstanceUID": uids,
+                         "patient_overall": [1] * fractured + [0] * intact})  # fmt: skip
+
+
+@pytest.mark.parametrize("fractured, intact, fraction, n_held, n_fractured", [
+    (6, 6, 0.25, 3, 2),   # 3 held out, both kinds
+    (4, 12, 0.25, 4, 1),  # stratified: a quarter of the fractured ones
+    (3, 1, 0.5, 2, 1),    # two fractured studies always stay for the detector
+    (2, 6, 0.25, 2, 0),   # ... so none of only two fractured studies is held out
+])  # fmt: skip
+def test_choose_holdout_is_stratified(fractured, intact, fraction, n_held, n_fractured):
+    labels = _labels(fractured, intact)
+    held = choose_holdout(labels, fraction, seed=0, with_segmentation=set())
+    assert len(held) == n_held and len(set(held)) == n_held
+    positive = set(labels.StudyInstanceUID[labels.patient_overall == 1])
+    assert sum(u in positive for u in held) == n_fractured
+    assert len(positive - set(held)) >= min(2, len(positive))
+    assert held == choose_holdout(labels, fraction, seed=0, with_segmentation=set())
+
+
+def test_choose_holdout_keeps_segmented_studies_for_training():
+    labels = _labels(4, 4)
+    segmented = set(labels.StudyInstanceUID[[0, 1, 4, 5]])
+    held = choose_holdout(labels, 0.25, seed=3, with_segmentation=segmented)
+    assert held and not set(held) & segmented
+
+
+def test_split_dataset_makes_a_development_view(synthetic_data, tmp_path):
+    result = split_dataset(synthetic_data, tmp_path / "split", 0.25, seed=0)
+    held = result["holdout_studies"]
+    dev = RsnaLayout(result["dev"])
+    all_uids = set(RsnaLayout(synthetic_data).list_studies())
+    assert set(dev.list_studies()) == all_uids - set(held)
+    assert set(dev.train_labels().StudyInstanceUID) == all_uids - set(held)
+    assert not set(dev.bounding_boxes().StudyInstanceUID) & set(held)
+    assert all(dev.segmentation_path(u) is not None for u in dev.list_studies())
+    holdout = tmp_path / "split" / "holdout"
+    assert sorted(p.name for p in holdout.iterdir()) == held
+    assert all(any(p.glob("*.dcm")) for p in holdout.iterdir())
+    # linking is idempotent (a resumed demo)
+    assert split_dataset(synthetic_data, tmp_path / "split", 0.25, seed=0)["holdout_studies"] == held
+
+
+def test_settings_validation_and_paper_preset():
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        DemoSettings(holdout_fraction=0.95)
+    with pytest.raises(ValueError, match="at least 4"):
+        DemoSettings(studies=2)
+    paper = DemoSettings.paper()
+    assert (paper.stage1_config, paper.image_size, paper.detect_model, paper.detect_epochs,
+            paper.detect_imgsz) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640)  # fmt: skip
+
+
+def test_summary_text_names_outputs_and_metrics():
+    summary = {
+        "run_dir": "/r", "data": "/r/data", "prepared": "/r/prepared", "steps": {"synth": 1.0},
+        "results": {
+            "stage1": {"model": "gcvit_xxtiny", "epochs_run": 2, "split": "test", "run_dir": "/r/s1",
+                       "metrics": {"macro_f1": 0.5, "exact_match_ratio": 0.25,
+                                   "coverage_error": 2.0}},
+            "predict": {"n_ok": 3, "n_studies": 3, "n_gated": 10, "n_slices": 20,
+                        "gated_fraction": 0.5, "seconds_per_study": 1.0,
+                        "files": {"submission": "/r/p/submission.csv", "index": "/r/p/index.html"},
+                        "evaluation": {"rsna_weighted_log_loss": 0.61234, "mean_vertebra_auc": None,
+                                       "patient_auc": 0.75, "n_studies": 3}},
+        },
+    }  # fmt: skip
+    text = summary_text(summary)
+    assert "macro F1 0.500" in text and "EMR 0.250" in text
+    assert "RSNA weighted log loss 0.6123" in text and "patient AUC 0.750" in text
+    assert "mean vertebra AUC n/a" in text
+    assert "/r/p/index.html" in text and "/r/p/submission.csv" in text
+
+
+@pytest.mark.slow
+@pytest.mark.detect
+def test_demo_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--studies", "6", "--preset", "tiny", "--image-size",
+            "32", "--stage1-epochs", "1", "--detect-epochs", "1", "--detect-imgsz", "64",
+            "--export-size", "64", "--workers", "1", "--holdout-fraction", "0.34"]  # fmt: skip
+    result = run_cli(*args, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = ["synth", "split", "prepare", "look", "detect_export", "detect_train", "stage1",
+             "predict"]  # fmt: skip
+    assert list(summary["steps"]) == steps
+    held = summary["results"]["split"]["holdout_studies"]
+    assert len(held) == 2
+    submission = read_submission(out / "predict" / "submission.csv")
+    assert sorted({r.rsplit("_", 1)[0].replace("_patient", "") for r in submission.row_id}) == held
+    evaluation = summary["results"]["predict"]["evaluation"]
+    assert evaluation["n_studies"] == 2 and evaluation["rsna_weighted_log_loss"] > 0
+    for uid in held:
+        assert (out / "predict" / "reports" / uid / "report.html").is_file()
+    assert (out / "stage1" / "model.keras").is_file()
+    assert (out / "stage2" / "weights" / "best.onnx").is_file()
+    # the printed summary says where the report is and gives the metric values
+    assert "RSNA weighted log loss" in result.stdout
+    assert str(out / "predict" / "index.html") in result.stdout
+    assert "[demo] stage1 ..." in result.stdout  # progress of every step
+
+    # stage 2 given as a .pt: exported to ONNX in a subprocess (torch stays out of this process)
+    from keras_cspine.pipeline import Stage2Model
+
+    pt = tmp_path / "elsewhere" / "detector.pt"
+    pt.parent.mkdir()
+    shutil.copy(out / "stage2" / "weights" / "best.pt", pt)
+    detector = Stage2Model.load(pt)
+    assert detector.source == str(pt.with_suffix(".onnx")) and pt.with_suffix(".onnx").is_file()
+    assert detector.size == 64 and detector.mode == "bone"
+
+    again = run_cli(*args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done earlier") == len(steps)

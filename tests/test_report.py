@@ -1,0 +1,112 @@
+"""report.py: the per-study figures and pages, on a hand-made StudyResult whose content is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_cspine.io.rsna import TARGETS, VERTEBRAE
+from keras_cspine.pipeline import Box, StudyResult
+from keras_cspine.report import (
+    figure_key_slices,
+    figure_overview,
+    figure_vertebra_bars,
+    render_html,
+    write_index,
+    write_study_report,
+)
+
+UID = "1.2.826.0.1.3680043.4242"
+
+
+def make_result(with_boxes: bool = True) -> StudyResult:
+    """20 slices 2 mm apart; C1 on slices 0-4, C2 on 3-9; boxes on slices 6 (C2) and 15 (none)."""
+    n = 20
+    probabilities = np.zeros((n, 7), np.float32)
+    probabilities[0:5, 0] = 0.9
+    probabilities[3:10, 1] = 0.8
+    gated = probabilities.max(axis=1) >= 0.5
+    boxes = [Box(6, 7, 10.0, 12.0, 6.0, 5.0, 0.8, {"C2": 0.64}),
+             Box(15, 16, 20.0, 20.0, 4.0, 4.0, 0.3, {})] if with_boxes else []  # fmt: skip
+    fracture = {**dict.fromkeys(VERTEBRAE, 0.05), "C2": 0.62, "patient_overall": 0.65}
+    rng = np.random.default_rng(0)
+    key = {7: rng.integers(0, 255, (48, 40), dtype=np.uint8)} if with_boxes else {}
+    return StudyResult(
+        uid=UID, folder="/data/test_images/" + UID, slice_numbers=np.arange(1, n + 1),
+        positions_mm=np.arange(n) * 2.0, probabilities=probabilities, gated=gated, boxes=boxes,
+        fracture=fracture, info={"pixel_spacing_mm": [0.5, 0.5], "rows": 48, "columns": 40},
+        sagittal=rng.integers(0, 255, (n, 48), dtype=np.uint8), key_slices=key,
+    )  # fmt: skip
+
+
+def test_bar_chart_heights_are_the_probabilities():
+    result = make_result()
+    fig = figure_vertebra_bars(result, truth={"C2": 1, "patient_overall": 1})
+    bars = fig.axes[0].patches
+    assert [round(b.get_height(), 6) for b in bars] == [round(result.fracture[t], 6) for t in TARGETS]
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == [*VERTEBRAE, "patient"]
+    assert len(fig.axes[0].lines) == 2 + 1  # two truth markers and the legend handle
+
+
+def test_overview_draws_vertebra_bands_and_boxes():
+    result = make_result()
+    fig = figure_overview(result, threshold=0.5)
+    ax_img, ax_prob = fig.axes[:2]
+    texts = {t.get_text() for t in ax_img.texts}
+    assert texts == {"C1", "C2"}  # only the vertebrae stage 1 found
+    red = [p for p in ax_img.patches if not p.get_fill()]
+    assert len(red) == 2  # one outline per box
+    # the C2 box is drawn at its slice (6 -> 12 mm) and its rows (y 12..17 px -> 6..8.5 mm)
+    first = red[0]
+    assert first.get_x() == pytest.approx(6.0) and first.get_width() == pytest.approx(2.5)
+    assert first.get_y() == pytest.approx(12.0 - 1.0)
+    assert ax_prob.images[0].get_array().shape == (20, 7)
+
+
+def test_key_slices_show_each_box_with_its_score():
+    fig = figure_key_slices(make_result())
+    ax = fig.axes[0]
+    assert "slice 7" in ax.get_title() and "0.80" in ax.get_title()
+    assert [t.get_text() for t in ax.texts] == ["0.80 C2"]
+    empty = figure_key_slices(make_result(with_boxes=False))
+    assert "no fracture box" in empty.axes[0].texts[0].get_text()
+
+
+@pytest.mark.parametrize("fmt, name", [("html", "report.html"), ("markdown", "report.md")])
+def test_write_study_report(tmp_path, fmt, name):
+    result = make_result()
+    path = write_study_report(result, tmp_path / "r", fmt=fmt)
+    assert path == tmp_path / "r" / name
+    text = path.read_text()
+    for figure in ("overview.png", "fractures.png", "vertebrae.png"):
+        with Image.open(tmp_path / "r" / figure) as image:
+            assert image.size[0] > 100
+        assert figure in text  # linked relative to the report
+    assert "0.620" in text and "0.650" in text  # C2 and patient probabilities
+    assert "slices 1-5 (5 slices)" in text  # where C1 was found
+    assert "slices 4-10 (7 slices)" in text  # C2
+    assert "C2 0.64" in text  # the box's assignment
+    assert UID in text
+    with pytest.raises(ValueError, match="fmt"):
+        write_study_report(result, tmp_path / "x", fmt="pdf")
+
+
+def test_embedded_html_needs_no_files(tmp_path):
+    result = make_result()
+    figures = {"vertebrae": tmp_path / "v.png"}
+    Image.new("RGB", (4, 4)).save(figures["vertebrae"])
+    page = render_html(result, figures, tmp_path, embed=True)
+    assert "src='data:image/png;base64," in page and "v.png" not in page
+
+
+def test_index_links_each_report(tmp_path):
+    table = [{"StudyInstanceUID": UID, **dict.fromkeys(TARGETS, 0.25), "n_slices": 20,
+              "n_gated": 10, "n_boxes": 2, "status": "ok"},
+             {"StudyInstanceUID": "1.2.3", **dict.fromkeys(TARGETS, 0.1), "n_slices": 0,
+              "n_gated": 0, "n_boxes": 0, "status": "failed"}]  # fmt: skip
+    path = write_index(table, {UID: str(tmp_path / "reports" / UID / "report.html")}, tmp_path)
+    page = path.read_text()
+    assert f"href='reports/{UID}/report.html'" in page
+    assert "failed" in page and page.count("0.250") == 8

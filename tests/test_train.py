@@ -1,0 +1,132 @@
+"""Stage 1 training: run directory, config round trip, resume after a kill, flags, CLI."""
+
+import json
+
+import keras
+import pytest
+import yaml
+from helpers_stage1 import make_prepared
+
+from keras_cspine.config import dump_config
+from keras_cspine.errors import CSpineDataError
+from keras_cspine.train import (
+    Stage1Config,
+    history_from_log,
+    load_stage1_config,
+    main,
+    train_stage1,
+)
+
+TINY_VIT = ("model.options={backbone_kwargs: {patch_size: 8, num_layers: 1, num_heads: 2, "
+            "hidden_dim: 16, mlp_dim: 32}}")  # fmt: skip
+FAST = ["train.batch_size=4", "data.image_size=32", "data.val_fraction=0.25",
+        "data.test_fraction=0.25", "train.early_stopping_patience=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prep"), n_studies=5, n_slices=12, unlabelled=1)
+
+
+def _config(*overrides):
+    return load_stage1_config("stage1_synthetic_small", [*FAST, *overrides])
+
+
+@pytest.mark.slow
+def test_cli_trains_and_writes_the_run_directory(prepared, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main([str(prepared), "--run-dir", str(run_dir), "--quiet", "--set", "model.name=vit",
+                 "--set", TINY_VIT, "--set", "train.epochs=2",
+                 *[a for o in FAST for a in ("--set", o)]])  # fmt: skip
+    assert code == 0
+    for name in ("config.yaml", "splits.json", "data.json", "model.keras", "training_log.csv",
+                 "history.json", "summary.json", "metrics.json", "table1_row.csv", "table2.md",
+                 "predictions.csv", "figures/loss_curves.png"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "backup").exists()  # removed once training completed
+    config = load_stage1_config(run_dir / "config.yaml")
+    assert config.model.name == "vit" and config.train.epochs == 2
+    assert dump_config(config) == yaml.safe_load((run_dir / "config.yaml").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history["epoch"] == [0.0, 1.0] and len(history["val_f1_score"]) == 2
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
+    model = keras.saving.load_model(run_dir / "model.keras")
+    assert model.output_shape == (None, 7)
+    assert "test macro F1" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="finished run"):
+        train_stage1(config, prepared, run_dir)
+
+
+class _Kill(keras.callbacks.Callback):
+    """Simulates a kill after the first epoch's backup was written."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt("killed after epoch 1")
+
+
+class _Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def test_killed_run_resumes_at_the_next_epoch(prepared, tmp_path):
+    config = _config("model.name=metadata_only", "train.epochs=3", "train.evaluate=false")
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(config, prepared, run_dir, extra_callbacks=[_Kill()], verbose=0)
+    assert (run_dir / "backup").is_dir() and (run_dir / "model.keras").is_file()
+    assert history_from_log(run_dir / "training_log.csv")["epoch"] == [0.0]
+    epochs = _Epochs()
+    summary = train_stage1(config, prepared, run_dir, extra_callbacks=[epochs], verbose=0)
+    assert epochs.seen == [1, 2]  # continued at epoch 2 (index 1), not from scratch
+    assert summary["resumed"] and summary["epochs_run"] == 3
+    assert history_from_log(run_dir / "training_log.csv")["epoch"] == [0.0, 1.0, 2.0]
+    assert not (run_dir / "backup").exists()
+
+
+def test_mixed_precision_and_mirrored_strategy(prepared, tmp_path):
+    config = _config("model.name=metadata_only", "train.epochs=1", "train.evaluate=false",
+                     "train.mixed_precision=mixed_bfloat16", "train.strategy=mirrored")  # fmt: skip
+    summary = train_stage1(config, prepared, tmp_path / "run", verbose=0)
+    assert summary["epochs_run"] == 1
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_layer("metadata_dense_0").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("vertebrae").dtype_policy.name == "float32"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.optimizer=sgd"], "optimizer"),
+        (["train.mixed_precision=fp8"], "mixed_precision"),
+        (["train.strategy=tpu"], "strategy"),
+        (["train.epochs=0"], "epochs"),
+        (["model.nme=vit"], "unknown config key"),
+    ],
+)
+def test_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_stage1_config("stage1_synthetic_small", overrides)
+
+
+def test_bundled_table1_configs():
+    rows = {}
+    for name in ("gcvit_tiny", "vit", "convnext_tiny", "inceptionv3", "resnet152v2", "swin"):
+        config = load_stage1_config(f"stage1_{name}")
+        assert config.model.name == name and config.data.image_size == 224
+        rows[name] = config.paper_row
+    assert rows["gcvit_tiny"] == "Proposed (GCViT)" and rows["swin"] == "Swin"
+    assert load_stage1_config(f"stage1_{'gcvit_tiny'}").model.freeze == "levels_2"
+    assert isinstance(load_stage1_config(), Stage1Config)
+
+
+def test_data_path_must_be_prepared_or_rsna(tmp_path):
+    with pytest.raises(CSpineDataError, match="neither a prepare folder"):
+        train_stage1(_config(), tmp_path, tmp_path / "run")
