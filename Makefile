@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_prepare.py
+	$(PY) benchmarks/bench_gcvit.py
+	$(PY) benchmarks/bench_generator.py
+	$(PY) benchmarks/bench_detect.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -54,13 +54,12 @@ def ensure_study(folder: Path, slices: int, size: int, seed: int = 0) -> Path:
     return Path(study.folder)
 
 
-def random_models(folder: Path, paper: bool) -> tuple[Path, Path]:
-    """Random stage 1 (.keras) and stage 2 (.onnx, exported in a subprocess) models."""
+def random_stage2(folder: Path, paper: bool) -> Path:
+    """A random YOLO exported to ONNX in a subprocess (before TensorFlow is imported here)."""
     folder.mkdir(parents=True, exist_ok=True)
-    name, size = ("gcvit_tiny", 224) if paper else ("gcvit_xxtiny", 64)
     yolo, imgsz = ("yolov8s", 640) if paper else ("yolov8n", 256)
     onnx = folder / f"{yolo}_{imgsz}.onnx"
-    if not onnx.is_file():  # before TensorFlow is imported here; torch stays in the child
+    if not onnx.is_file():
         code = (
             "import sys; from keras_cspine.detection.offline import import_ultralytics; "
             "import_ultralytics(); from ultralytics import YOLO; import shutil; "
@@ -69,12 +68,19 @@ def random_models(folder: Path, paper: bool) -> tuple[Path, Path]:
         )
         subprocess.run([sys.executable, "-c", code, str(onnx)], check=True, cwd=folder,
                        env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    return onnx
+
+
+def random_stage1(folder: Path, paper: bool) -> Path:
+    """A random stage 1 classifier saved as .keras."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, size = ("gcvit_tiny", 224) if paper else ("gcvit_xxtiny", 64)
     keras_path = folder / f"{name}_{size}.keras"
     if not keras_path.is_file():
         from keras_cspine.models.baselines import build_model
 
         build_model(name, image_size=size, freeze="none").save(keras_path)
-    return keras_path, onnx
+    return keras_path
 
 
 def time_study(folder: Path, stage1, stage2, config, report_dir: Path) -> dict[str, float]:
@@ -113,10 +119,14 @@ def main(argv=None) -> int:
 
         stage1_path, stage2_path = find_latest_stage1(args.runs), find_latest_stage2(args.runs)
         source = f"latest runs in {args.runs}"
-    if args.paper or stage1_path is None or stage2_path is None:
-        random1, random2 = random_models(out / "models", args.paper)
-        stage1_path, stage2_path = stage1_path or random1, stage2_path or random2
-        source = "random paper-sized" if args.paper else "random demo-sized (no runs found)"
+    if args.paper:
+        stage1_path, stage2_path = None, None
+    if stage2_path is None:  # first: torch only ever runs in the child
+        stage2_path = random_stage2(out / "models", args.paper)
+        source = "random paper-sized" if args.paper else "random stage 2 (no run found)"
+    if stage1_path is None:
+        stage1_path = random_stage1(out / "models", args.paper)
+        source = "random paper-sized" if args.paper else "random stage 1 (no run found)"
 
     from keras_cspine.pipeline import PredictConfig, Stage1Model, Stage2Model
 

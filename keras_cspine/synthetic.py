@@ -420,12 +420,15 @@ def render_study(spec: StudySpec, *, with_fractures: bool = True, noise: bool = 
 
 def _boxes_from_breaks(spec: StudySpec, s0: int, breaks) -> dict[tuple[str, int], list[dict]]:
     """Per fracture, one box per slice where the break shows (at least :data:`MIN_BREAK_PIXELS`
-    clearly changed pixels), around every pixel it touched there, with a margin (native pixels)."""
+    clearly changed pixels, one of them by more than ``BREAK_VISIBLE`` HU: a crack grazing only
+    cancellous bone on the edge slice of a break is not something a reader would box), around
+    every pixel it touched there, with a margin (native pixels)."""
     g = spec.grid
     out: dict[tuple[str, int], list[dict]] = {}
     for key, mask in breaks.items():
-        strong = (mask == 2).reshape(len(mask), -1).sum(axis=1)
-        for i in np.nonzero(strong >= MIN_BREAK_PIXELS)[0]:
+        flat = mask.reshape(len(mask), -1)
+        strong = (flat >= 2).sum(axis=1)
+        for i in np.nonzero((strong >= MIN_BREAK_PIXELS) & (flat == 3).any(axis=1))[0]:
             rows, cols = np.nonzero(mask[i])
             x0, x1 = max(int(cols.min()) - BOX_MARGIN, 0), min(int(cols.max()) + 1 + BOX_MARGIN,
                                                                g.columns)  # fmt: skip

@@ -43,6 +43,8 @@ TISSUES = {
     "cancellous": 6,
     "cortical": 7,
     "padding": 8,
+    "cartilage": 9,
+    "gland": 10,
 }
 """Tissue codes of the in-memory tissue map (not written to disk; used by tests and figures)."""
 
@@ -55,6 +57,8 @@ BREAK_ANY = 10.0
 """Change (HU, noise-free, bone on soft tissue) from which a pixel counts as touched by a break."""
 BREAK_STRONG = 150.0
 """Change (HU) from which a pixel clearly shows the break."""
+BREAK_VISIBLE = 300.0
+"""Change (HU) that a slice needs somewhere to show the break to a reader (cortex or a wide gap)."""
 
 Array = np.ndarray
 Sdf = Callable[[Array, Array, Array], Array]
@@ -191,29 +195,54 @@ def _ring_site(rng, centre_y, ax, ay, angle_deg, z_half):
     return point, normal
 
 
+# Per-level shape of C2-C7 and T1-T3 (sizes in mm at scale 1; see DOMAIN.md and standard anatomy
+# atlases): body half width / half depth / half height (C3 ~15 mm wide growing to ~20 mm at C7),
+# spinous process length, bifid tip (C2-C5), anterior tubercle of the transverse process (C6's
+# carotid tubercle the largest), transverse foramen (C1-C6; absent at C7 and below).
+VERTEBRA_SHAPES: dict[str, dict] = {
+    "C2": dict(half=(8.5, 8.0, 8.5), spinous=22.0, bifid=5.5, tubercle=0.0, foramen=True),
+    "C3": dict(half=(7.6, 7.1, 6.8), spinous=13.0, bifid=3.6, tubercle=2.0, foramen=True),
+    "C4": dict(half=(8.0, 7.3, 6.9), spinous=14.0, bifid=3.8, tubercle=2.2, foramen=True),
+    "C5": dict(half=(8.5, 7.5, 7.0), spinous=16.0, bifid=4.0, tubercle=2.4, foramen=True),
+    "C6": dict(half=(9.0, 7.7, 7.1), spinous=19.0, bifid=0.0, tubercle=4.0, foramen=True),
+    "C7": dict(half=(9.8, 7.9, 7.3), spinous=30.0, bifid=0.0, tubercle=0.0, foramen=False),
+    "T1": dict(half=(11.0, 8.8, 8.3), spinous=28.0, bifid=0.0, tubercle=0.0, foramen=False),
+    "T2": dict(half=(11.3, 9.0, 8.5), spinous=27.0, bifid=0.0, tubercle=0.0, foramen=False),
+    "T3": dict(half=(11.6, 9.3, 8.7), spinous=26.0, bifid=0.0, tubercle=0.0, foramen=False),
+}
+"""Level-specific vertebral features, the cues a radiologist uses to tell C3-C7 apart."""
+
+
 def typical_vertebra(name: str, s: float) -> tuple[Sdf, dict, float, float]:
     """C2-C7 and T1-T3: body, arch ring around the canal, pillars, processes.
+
+    Level-specific features come from :data:`VERTEBRA_SHAPES`: body size growing from C3 to C7,
+    bifid spinous processes (C2 large, C3-C5 small), C6's shorter non-bifid process, C7's long
+    process ending in a tubercle (vertebra prominens), anterior tubercles of the transverse
+    processes (C6: the prominent carotid tubercle) and transverse foramina down to C6.
 
     Returns (sdf, fracture sites, body half height, bounding radius); ``s`` is the size scale.
     """
     level = VERTEBRA_NAMES.index(name)
     thoracic = name.startswith("T")
-    ax = s * {1: 8.5, 6: 9.5}.get(level, 11.0 if thoracic else 8.7)  # body half width
-    ay = s * (8.0 if level == 1 else 8.8 if thoracic else 7.5)  # body half depth
-    hh = s * (8.5 if level == 1 else 8.3 if thoracic else 7.0)  # body half height
+    shape = VERTEBRA_SHAPES[name]
+    ax, ay, hh = (s * v for v in shape["half"])  # body half width, half depth, half height
     cxh = s * (11.5 if not thoracic else 9.0)  # canal half width
     cyh = s * (7.5 if not thoracic else 7.0)  # canal half depth (AP ~15 mm)
     yc = ay + cyh  # canal centre, behind the body
     th = s * 3.6  # arch thickness
     ah = s * 4.8  # arch half height
-    spinous = s * {1: 22.0, 5: 20.0, 6: 30.0}.get(level, 26.0 if thoracic else 15.0)
+    spinous = s * shape["spinous"]
     droop = 0.55 if thoracic else 0.3
     sp_a = np.array([0.0, yc + cyh + th * 0.5, -s * 1.0])
     sp_b = sp_a + np.array([0.0, spinous, -spinous * droop])
+    bifid = s * shape["bifid"]
+    sp_tip_r = s * (3.0 if name == "C7" else 2.6 if thoracic or name == "C6" else 2.2)
     tp_len = s * (20.0 if thoracic else 13.0 if level < 6 else 15.0)
     tp_a = np.array([ax * 0.75, ay * 0.35 if not thoracic else yc, 0.0])
     tp_b = tp_a + np.array([tp_len, s * (10.0 if thoracic else 3.0), -s * 1.0])
-    foramen = not thoracic and level < 6
+    foramen = shape["foramen"]
+    tubercle = s * shape["tubercle"]
     pillar_x = cxh + th * 0.7
 
     def sdf(x, y, z):
@@ -229,11 +258,20 @@ def typical_vertebra(name: str, s: float) -> tuple[Sdf, dict, float, float]:
                 x, y, z, (sign * tp_a[0], tp_a[1], tp_a[2]), (sign * tp_b[0], tp_b[1], tp_b[2]),
                 s * 3.2, s * 2.4,
             )  # fmt: skip
+            if tubercle:  # anterior tubercle at the front of the transverse process
+                tub = sd_ellipsoid(x, y, z, (sign * (tp_b[0] - s * 1.5), tp_a[1] - s * 3.5, 0.0),
+                                   (tubercle, tubercle * 0.9, tubercle * 1.1))  # fmt: skip
+                tp = smin(tp, tub, 1.5)
             if foramen:  # transverse foramen for the vertebral artery
                 hole = _ellipse2(x - sign * (ax + s * 5.5), y - tp_a[1] - s * 0.8, s * 2.6, s * 2.6)
                 tp = np.maximum(tp, -hole)
             d = smin(d, tp, 1.5)
-        d = smin(d, sd_capsule(x, y, z, sp_a, sp_b, s * 3.2, s * (3.0 if level == 6 else 2.2)), 2.0)
+            if bifid:  # two diverging tips of a bifid spinous process
+                tip = sp_b + np.array([sign * bifid, s * 3.0, -s * 1.0])
+                d = smin(d, sd_capsule(x, y, z, sp_b, tip, sp_tip_r, s * 1.8), 1.0)
+        d = smin(d, sd_capsule(x, y, z, sp_a, sp_b, s * 3.2, sp_tip_r), 2.0)
+        if name == "C7":  # vertebra prominens: the long process ends in a tubercle
+            d = smin(d, sd_ellipsoid(x, y, z, sp_b, (s * 3.6, s * 3.2, s * 3.4)), 1.0)
         if name == "C2":  # the dens rises ~15 mm into the C1 ring
             dens = sd_capsule(x, y, z, (0.0, -s, hh - s * 3.0), (0.0, -s, hh + s * 14.0), s * 5.0,
                               s * 4.2)  # fmt: skip
@@ -273,7 +311,8 @@ def typical_vertebra(name: str, s: float) -> tuple[Sdf, dict, float, float]:
         sites["dens"] = dens
     if level >= 5:  # clay-shoveler's fractures of C6/C7/T1..
         sites["spinous"] = spinous_site
-    reach = [np.linalg.norm(sp_b) + s * 3.2, np.linalg.norm(tp_b) + s * 3.2, np.hypot(ax, hh),
+    reach = [np.linalg.norm(sp_b) + bifid + s * 6.0, np.linalg.norm(tp_b) + s * 4.0,
+             np.hypot(ax, hh),
              hh + s * 18.5]  # fmt: skip
     return sdf, sites, hh, float(max(reach)) + 1.0
 
@@ -334,40 +373,267 @@ def occiput(s: float) -> Sdf:
 
 # -- the neck ----------------------------------------------------------------------------------
 @dataclass
+class Structure:
+    """A soft-tissue landmark of the neck, placed relative to the airway.
+
+    ``sdf(x, v, z)`` takes spine-frame x and z and ``v = y - air_y(z)`` (y relative to the
+    airway centre at that height); ``z_range`` bounds it in spine-frame z (for speed).
+    """
+
+    name: str
+    sdf: Sdf
+    hu: float
+    code: int
+    z_range: tuple[float, float]
+
+
+@dataclass
 class Neck:
     """Soft tissue in the spine frame: a z-dependent ellipse (head above, shoulders below) with a
-    fat layer, the airway (pharynx then trachea) in front of the spine, and lung apices low down.
-    All profiles are piecewise linear in spine-frame z (``np.interp`` over ``z_keys``)."""
+    fat layer, the floor of the mouth and chin in front of the upper neck (``face``), then the
+    landmarks (``structures``, composited in order: oesophagus, thyroid gland, the airway whose
+    shape changes with the level, laryngeal cartilages) and the lung apices low down.
+    The outline profiles are piecewise linear in spine-frame z (``np.interp`` over ``z_keys``)."""
 
     z_keys: Array  # increasing spine-frame z
     centre_y: Array
     half_x: Array
     half_y: Array
     fat: float
-    air_y: Array
-    air_hx: Array
-    air_hy: Array
-    air_top: float
+    face: Sdf
+    structures: list[Structure]
+    air_y: Callable[[Array], Array]  # airway centre (spine-frame y) at spine-frame heights
     lungs: tuple  # ((centre, semi-axes), ...)
-    spine_y: Array  # lordosis y at z_keys, for the airway and neck centre
+    spine_y: Array  # lordosis y at z_keys
 
     def evaluate(self, x: Array, y: Array, z: Array, pixel: float, hu: Array, tissue: Array) -> None:
-        """Composite fat, muscle, airway and lungs onto ``hu``/``tissue`` (in place)."""
+        """Composite fat, muscle, landmarks and lungs onto ``hu``/``tissue`` (in place)."""
         flat = z.ravel()
 
         def prof(values):
             return np.interp(flat, self.z_keys, values).reshape(z.shape).astype(np.float32)
 
         cy, hx, hy = prof(self.centre_y), prof(self.half_x), prof(self.half_y)
-        d_skin = _ellipse2(x, y - cy, hx, hy)
+        d_face = self.face(x, y, z)
+        d_skin = np.minimum(_ellipse2(x, y - cy, hx, hy), d_face)
         _layer(hu, tissue, d_skin, pixel, HU_FAT, TISSUES["fat"])
-        d_muscle = _ellipse2(x, y - cy, hx - self.fat, hy - self.fat)
+        d_muscle = np.minimum(_ellipse2(x, y - cy, hx - self.fat, hy - self.fat), d_face + self.fat)
         _layer(hu, tissue, d_muscle, pixel, HU_SOFT, TISSUES["soft_tissue"])
-        d_air = _ellipse2(x, y - prof(self.air_y), prof(self.air_hx), prof(self.air_hy))
-        d_air = np.maximum(d_air, z - self.air_top)
-        _layer(hu, tissue, d_air, pixel, HU_AIR, TISSUES["airway"])
+        v = y - self.air_y(z)
+        z_lo, z_hi = z.reshape(len(z), -1).min(axis=1), z.reshape(len(z), -1).max(axis=1)
+        for st in self.structures:  # only on the slices that its height range reaches
+            near = np.nonzero((z_hi >= st.z_range[0] - pixel) & (z_lo <= st.z_range[1] + pixel))[0]
+            if len(near) == 0:
+                continue
+            sl = slice(int(near[0]), int(near[-1]) + 1)
+            h, t = hu[sl], tissue[sl]
+            _layer(h, t, st.sdf(x[sl], v[sl], z[sl]), pixel, st.hu, st.code)
+            hu[sl], tissue[sl] = h, t
         for centre, axes in self.lungs:
             _layer(hu, tissue, sd_ellipsoid(x, y, z, centre, axes), pixel, HU_LUNG, TISSUES["lung"])
+
+
+def _segment2(x: Array, y: Array, a, b) -> Array:
+    """Unsigned distance to the 2-D segment from ``a`` to ``b`` (in-plane)."""
+    ab = np.array(b, float) - np.array(a, float)
+    px, py = x - a[0], y - a[1]
+    t = np.clip((px * ab[0] + py * ab[1]) / float(ab @ ab), 0.0, 1.0)
+    return np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2)
+
+
+def _triangle2(x: Array, y: Array, p0, p1, p2) -> Array:
+    """Signed distance to a 2-D triangle (exact; negative inside)."""
+    d = np.minimum(np.minimum(_segment2(x, y, p0, p1), _segment2(x, y, p1, p2)),
+                   _segment2(x, y, p2, p0))  # fmt: skip
+
+    def side(a, b):
+        return (b[0] - a[0]) * (y - a[1]) - (b[1] - a[1]) * (x - a[0])
+
+    s0, s1, s2 = side(p0, p1), side(p1, p2), side(p2, p0)
+    inside = ((s0 >= 0) & (s1 >= 0) & (s2 >= 0)) | ((s0 <= 0) & (s1 <= 0) & (s2 <= 0))
+    return np.where(inside, -d, d)
+
+
+def _band(d2: Array, z: Array, z_lo: float, z_hi: float) -> Array:
+    """A 2-D shape extruded between spine-frame heights ``z_lo`` and ``z_hi``."""
+    return _cap(d2, np.abs(z - (z_lo + z_hi) / 2) - (z_hi - z_lo) / 2)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Spine-frame heights of the vertebral levels of one study.
+
+    ``at(name, f)``: f = 0 the body centre, +1 the middle of the disc above, -1 that of the disc
+    below (C1: its ring centre, same span as C2's).
+    """
+
+    centres: dict  # name -> spine-frame z of the body centre
+    half: dict  # name -> body half height
+    disc: float
+
+    def at(self, name: str, f: float) -> float:
+        return float(self.centres[name] + f * (self.half[name] + self.disc / 2))
+
+
+def neck_landmarks(rng: np.random.Generator, s: float, lv: Levels, curve_y: Callable,
+                   z_bottom: float, z_top: float) -> tuple[list[Structure], Callable]:  # fmt: skip
+    """The soft-tissue landmarks a radiologist counts levels by, each at its vertebral level.
+
+    - Airway (tissue "airway"): oro/hypopharynx (a wide transverse ellipse) down to C4; the supraglottic larynx
+      (triangular, apex anterior) with the piriform sinuses beside it at C4-C5; the glottis (a
+      narrow slit) at C5; the round subglottic airway inside the cricoid at C6; the trachea
+      (round, flat behind) from C7 down.
+    - Cartilages (~+150..+400 HU, partly calcified): the thyroid cartilage (a V, the laryngeal
+      prominence in front) at C4-C5, the arytenoids at C5, the cricoid ring at C6 (its posterior
+      lamina reaching up to C5).
+    - The thyroid gland (~+100 HU): lobes on both sides of the trachea at C6-T1 and the isthmus in
+      front of it at C7-T1; the oesophagus (with a fat plane) behind the trachea from C6 down.
+
+    The whole larynx moves by a small per-study offset (people differ by a fraction of a level).
+    Returns the structures and the airway centre ``air_y(z)`` (spine-frame y).
+    """
+    jitter = float(rng.normal(0.0, 1.5)) * s
+    at = lambda name, f: lv.at(name, f) + jitter  # noqa: E731
+    keys_z = [z_bottom, at("C7", 0), at("C6", 0), at("C5", 0), at("C4", 0), at("C3", 0),
+              lv.at("C2", 0), z_top]  # fmt: skip
+    keys_dy = s * np.array([-30.0, -28.0, -26.0, -24.5, -23.0, -19.0, -16.0, -16.0])
+    keys_z, keys_dy = np.array(keys_z), np.asarray(keys_dy)
+
+    def air_y(z):
+        flat = z.ravel()
+        return (np.interp(flat, keys_z, keys_dy) + curve_y(flat)).reshape(z.shape).astype(np.float32)
+
+    hu_cart = float(rng.uniform(150.0, 400.0))
+    hu_gland = float(rng.uniform(90.0, 130.0))
+    trachea_r = s * rng.uniform(7.5, 9.0)
+    air_top = lv.at("C1", 0.0) + s * 18.0
+
+    def extruded(shape2d, z_lo, z_hi):
+        return lambda x, v, z: _band(shape2d(x, v), z, z_lo, z_hi)
+
+    def trachea(x, v):  # round, flattened behind (the membranous wall)
+        return np.maximum(_ellipse2(x, v, trachea_r, trachea_r * 0.9), v - trachea_r * 0.6)
+
+    def piriform(x, v):
+        return np.minimum(_ellipse2(x - s * 13.0, v - s * 5.0, s * 3.0, s * 4.0),
+                          _ellipse2(x + s * 13.0, v - s * 5.0, s * 3.0, s * 4.0))  # fmt: skip
+
+    airway = [  # (name, 2-D shape, bottom, top), from the trachea up to the nasopharynx
+        ("trachea", trachea, z_bottom - 50.0, at("C6", -0.4)),
+        ("subglottis", lambda x, v: _ellipse2(x, v, s * 7.0, s * 7.0), at("C6", -0.45),
+         at("C5", -0.6)),
+        ("glottis", lambda x, v: _triangle2(x, v, (0, -s * 8.0), (s * 3.0, s * 6.0),
+                                            (-s * 3.0, s * 6.0)), at("C5", -0.65), at("C5", 0.15)),
+        ("vestibule", lambda x, v: _triangle2(x, v, (0, -s * 9.0), (s * 10.0, s * 6.0),
+                                              (-s * 10.0, s * 6.0)), at("C5", 0.1), at("C4", 0.75)),
+        ("piriform_sinuses", piriform, at("C5", -0.3), at("C4", 0.75)),
+        ("pharynx", lambda x, v: _ellipse2(x, v, s * 13.0, s * 5.5), at("C4", 0.7), air_top),
+    ]  # fmt: skip
+
+    def thyroid_cartilage(x, v, z):
+        apex = (0.0, -s * 13.0)
+        vee = np.minimum(_segment2(x, v, apex, (s * 19.0, s * 6.0)),
+                         _segment2(x, v, apex, (-s * 19.0, s * 6.0))) - s * 1.4  # fmt: skip
+        return _band(vee, z, at("C5", -0.3), at("C4", 0.6))
+
+    def arytenoids(x, v, z):
+        pair = np.minimum(_ellipse2(x - s * 5.0, v - s * 8.5, s * 2.6, s * 3.0),
+                          _ellipse2(x + s * 5.0, v - s * 8.5, s * 2.6, s * 3.0))  # fmt: skip
+        return _band(pair, z, at("C5", -0.2), at("C5", 0.5))
+
+    def cricoid(x, v, z):
+        ring = np.maximum(_ellipse2(x, v, s * 10.5, s * 10.5), -_ellipse2(x, v, s * 7.8, s * 7.8))
+        arch = _band(ring, z, at("C6", -0.5), at("C6", 0.25))
+        lamina = _band(np.maximum(ring, s * 2.0 - v), z, at("C6", -0.5), at("C5", -0.35))
+        return np.minimum(arch, lamina)
+
+    def gland(x, v, z):
+        zc = at("C7", 0.1)
+        lobes = np.minimum(
+            sd_ellipsoid(x, v, z, (s * 14.5, -s * 1.5, zc), (s * 6.5, s * 9.0, s * 19.0)),
+            sd_ellipsoid(x, v, z, (-s * 14.5, -s * 1.5, zc), (s * 6.5, s * 9.0, s * 19.0)),
+        )
+        isthmus = _band(_segment2(x, v, (-s * 12.0, -s * 9.5), (s * 12.0, -s * 9.5)) - s * 2.8, z,
+                        at("T1", 0.5), at("C7", 0.2))  # fmt: skip
+        return np.minimum(lobes, isthmus)
+
+    oes_x = s * rng.uniform(0.0, 4.0)  # slightly to the left, as usual
+
+    def oesophagus_fat(x, v, z):
+        v = v - trachea_r - s * 5.0
+        return _band(_ellipse2(x - oes_x, v, s * 9.5, s * 6.0), z, z_bottom - 50.0, at("C6", 0.1))
+
+    def oesophagus(x, v, z):
+        v = v - trachea_r - s * 5.0
+        return _band(_ellipse2(x - oes_x, v, s * 7.5, s * 4.2), z, z_bottom - 50.0, at("C6", 0.1))
+
+    low = z_bottom - 50.0
+    structures = [
+        Structure("oesophagus_fat", oesophagus_fat, HU_FAT, TISSUES["fat"], (low, at("C6", 0.1))),
+        Structure("oesophagus", oesophagus, 45.0, TISSUES["soft_tissue"], (low, at("C6", 0.1))),
+        Structure("thyroid_gland", gland, hu_gland, TISSUES["gland"],
+                  (at("C7", 0.1) - s * 19.0, at("C7", 0.1) + s * 19.0)),
+        *(Structure(name, extruded(shape, lo, hi), HU_AIR, TISSUES["airway"], (lo, hi))
+          for name, shape, lo, hi in airway),
+        Structure("thyroid_cartilage", thyroid_cartilage, hu_cart, TISSUES["cartilage"],
+                  (at("C5", -0.3), at("C4", 0.6))),
+        Structure("arytenoids", arytenoids, hu_cart, TISSUES["cartilage"],
+                  (at("C5", -0.2), at("C5", 0.5))),
+        Structure("cricoid", cricoid, hu_cart, TISSUES["cartilage"],
+                  (at("C6", -0.5), at("C5", -0.35))),
+    ]  # fmt: skip
+    return structures, air_y
+
+
+def mandible(s: float) -> tuple[Sdf, Array, float]:
+    """The mandible (local origin: middle of its lower border, spine-frame axes): a U-shaped
+    cortical arch in front (open behind) ~26 mm tall, and the two rami rising from its ends
+    towards the skull base. In axial slices: two bars beside the pharynx at C1, the U at C2-C3.
+    Returns (sdf, bounding centre, bounding radius)."""
+    hb = s * 13.0
+
+    def sdf(x, y, z):
+        ring = np.maximum(_ellipse2(x, y, s * 40.0, s * 36.0), -_ellipse2(x, y, s * 32.0, s * 28.0))
+        body = _cap(np.maximum(ring, y - s * 8.0), np.abs(z - hb) - hb)
+        d = body
+        for sign in (-1.0, 1.0):
+            ramus = sd_elliptic_cylinder(x, y, z, (sign * s * 37.0, s * 8.0, s * 32.0), s * 3.5,
+                                         s * 12.0, s * 22.0)  # fmt: skip
+            d = smin(d, ramus, 2.0)
+        return d
+
+    return sdf, np.array([0.0, 0.0, s * 26.0]), s * 62.0
+
+
+def hyoid(s: float) -> tuple[Sdf, Array, float]:
+    """The hyoid bone at C3 (local origin: centre of its U): a thin U-shaped bone, body in
+    front, greater horns running back beside the pharynx."""
+
+    def sdf(x, y, z):
+        ring = np.maximum(_ellipse2(x, y, s * 20.0, s * 17.0), -_ellipse2(x, y, s * 16.8, s * 13.8))
+        return _cap(np.maximum(ring, y - s * 12.0), np.abs(z) - s * 4.0)
+
+    return sdf, np.zeros(3), s * 28.0
+
+
+def rib_pair(name: str, s: float) -> tuple[Sdf, Array, float]:
+    """The ribs of T1..T3 (local frame = the vertebra's): from the transverse process tip,
+    curving laterally, then forwards and down (the first rib short and steep)."""
+    k = int(name[1]) - 1
+    pts = np.array([[26, 22, 0], [40 + 4 * k, 25 + 2 * k, -4], [52 + 6 * k, 8, -14 - 3 * k],
+                    [50 + 9 * k, -16, -26 - 5 * k], [38 + 12 * k, -36, -36 - 6 * k]], float) * s
+    radius = s * (3.6 - 0.3 * k)
+
+    def sdf(x, y, z):
+        d = None
+        for sign in (-1.0, 1.0):
+            p = pts * np.array([sign, 1.0, 1.0])
+            for a, b in zip(p[:-1], p[1:]):
+                c = sd_capsule(x, y, z, a, b, radius)
+                d = c if d is None else np.minimum(d, c)
+        return d
+
+    return sdf, np.array([0.0, 0.0, -s * 18.0]), s * (80.0 + 10 * k)
 
 
 def _layer(hu: Array, tissue: Array, d: Array, pixel: float, value: float, code: int) -> Array:
@@ -461,13 +727,24 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
         mid = (top + bottom) / 2
         axis = _unit(top - bottom)
         rot = rotation(rx=float(np.degrees(np.arctan2(-axis[1], axis[2]))))
-        ax = s * (9.0 if upper in ("C7", "T1", "T2") else 8.2)
-        discs.append((mid, rot, ax, s * 7.3, float(np.linalg.norm(top - bottom)) / 2 + 0.6))
+        (wu, du, _), (wl, dl, _) = VERTEBRA_SHAPES[upper]["half"], VERTEBRA_SHAPES[lower]["half"]
+        discs.append((mid, rot, s * (wu + wl) / 2 - 0.3, s * (du + dl) / 2 - 0.2,
+                      float(np.linalg.norm(top - bottom)) / 2 + 0.6))  # fmt: skip
 
     extents = {"C1": (c1_centre[2] - s * 8.0, c1_centre[2] + s * 6.0)}
     for name in names:
         top = centres[name][2] + half[name] + (s * 14.0 if name == "C2" else 0.0)
         extents[name] = (centres[name][2] - half[name], top)
+    levels = Levels({"C1": float(c1_centre[2]), **{n: float(c[2]) for n, c in centres.items()}},
+                    {"C1": half["C2"], **half}, disc)  # fmt: skip
+
+    # Unlabelled landmark bones: mandible (C1-C3), hyoid (C3), first ribs (T1-T3).
+    z_jaw = levels.at("C2", -0.9) + s * rng.uniform(-4.0, 4.0)
+    jaw_sdf, jaw_bound, jaw_radius = mandible(s)
+    jaw_centre = np.array([0.0, float(curve_y(z_jaw)) - s * 22.0, z_jaw])
+    bones.append(Bone("mandible", 0, jaw_centre, rotation(rx=rng.normal(0.0, 4.0)), jaw_sdf,
+                      jaw_radius, float(rng.uniform(1400.0, 1900.0)), rng.uniform(300.0, 450.0),
+                      s * 2.2, bound=jaw_bound))  # fmt: skip
 
     # Neck: profiles over spine-frame z.
     c1_top, c7 = extents["C1"][1], centres["C7"][2]
@@ -477,17 +754,33 @@ def build_anatomy(rng: np.random.Generator) -> Anatomy:
     half_x = np.array([hx0 + 65, hx0 + 45, hx0, hx0, hx0 + 14, hx0 + 14])
     half_y = np.array([hy0 + 12, hy0 + 8, hy0, hy0, hy0 + 22, hy0 + 22])
     centre_y = spine_y + s * 8.0 + np.array([0, 0, 0, 0, 8, 8])
-    air_y = spine_y - s * np.array([30.0, 29.0, 27.0, 16.0, 16.0, 16.0])
-    air_hx = s * np.array([8.5, 8.5, 8.5, 13.0, 13.0, 13.0])
-    air_hy = s * np.array([7.5, 7.5, 7.5, 5.5, 5.5, 5.5])
+    face_c = (0.0, float(curve_y(z_jaw)) - s * 28.0, z_jaw + s * 20.0)
+    face_a = (hx0 * 0.85, s * 42.0, s * 48.0)
+
+    def face(x, y, z):  # floor of the mouth, chin and submandibular region
+        return sd_ellipsoid(x, y, z, face_c, face_a)
+
+    structures, air_y = neck_landmarks(rng, s, levels, curve_y, float(z_keys[0]),
+                                       float(z_keys[-1]))  # fmt: skip
+    z_hy = levels.at("C3", 0.1) + float(rng.normal(0.0, 1.5)) * s
+    hy_sdf, hy_bound, hy_radius = hyoid(s)
+    hy_centre = np.array([0.0, float(air_y(np.array([z_hy]))[0]) - s * 3.0, z_hy])
+    bones.append(Bone("hyoid", 0, hy_centre, rotation(rx=rng.normal(0.0, 5.0)), hy_sdf, hy_radius,
+                      float(rng.uniform(700.0, 1100.0)), rng.uniform(200.0, 300.0), s * 1.0,
+                      bound=hy_bound))  # fmt: skip
+    for name in ("T1", "T2", "T3"):
+        vb = next(b for b in bones if b.name == name)
+        rib_sdf, rib_bound, rib_radius = rib_pair(name, s)
+        bones.append(Bone(f"ribs_{name}", 0, vb.centre.copy(), vb.rot, rib_sdf, rib_radius,
+                          vb.cortical_hu * 0.9, vb.cancellous_hu, s * 1.2, bound=rib_bound))  # fmt: skip
     t2 = centres["T2"][2]
     lungs = tuple(
         ((sign * s * 48.0, float(centres["T2"][1]) + s * 8.0, float(t2) - s * 30.0),
          (s * 32, s * 40, s * 48))
         for sign in (-1.0, 1.0)
     )  # fmt: skip
-    neck = Neck(z_keys, centre_y, half_x, half_y, s * rng.uniform(3.0, 10.0), air_y, air_hx,
-                air_hy, c1_top + s * 12.0, lungs, spine_y)  # fmt: skip
+    neck = Neck(z_keys, centre_y, half_x, half_y, s * rng.uniform(3.0, 10.0), face, structures,
+                air_y, lungs, spine_y)  # fmt: skip
     # Patient placement: small global rotations, arbitrary table offsets.
     rot = rotation(rx=rng.uniform(-6, 6), ry=rng.uniform(-4, 4), rz=rng.uniform(-8, 8))
     origin = np.array([rng.uniform(-15, 15), rng.uniform(-10, 30), rng.uniform(-250.0, 50.0)])
@@ -555,7 +848,8 @@ def render_chunk(anatomy: Anatomy, grid: Grid, s0: int, s1: int, with_fractures:
     Returns ``(hu, labels, tissue, breaks)``: float32 HU (noise-free), uint8 labels, uint8 tissue
     codes, each (s1-s0, rows, columns), and ``breaks``: {(bone name, fracture index): uint8 mask
     of the pixels that the fracture changed, same shape: 1 where the bone's HU over soft tissue
-    changed by more than :data:`BREAK_ANY`, 2 where by more than :data:`BREAK_STRONG`}.
+    changed by more than :data:`BREAK_ANY`, 2 where by more than :data:`BREAK_STRONG`, 3 where
+    by more than :data:`BREAK_VISIBLE`}.
     """
     shape = (s1 - s0, grid.rows, grid.columns)
     pixel = float(min(grid.dr, grid.dc))
@@ -598,10 +892,11 @@ def render_chunk(anatomy: Anatomy, grid: Grid, s0: int, s1: int, with_fractures:
                 d = apply_fracture(bone.sdf, frac, x, y, z, d)
                 delta = np.abs(_bone_on_soft_tissue(bone, d, pixel) - before)
                 if (delta > BREAK_ANY).any():
-                    mask = np.zeros(shape, np.uint8)  # 1 = touched, 2 = clearly changed
-                    mask[np.ix_(ss - s0, rr, cc)] = (delta > BREAK_ANY).astype(np.uint8) + (
-                        delta > BREAK_STRONG
-                    )
+                    mask = np.zeros(shape, np.uint8)  # 1 touched, 2 clearly changed, 3 visible
+                    mask[np.ix_(ss - s0, rr, cc)] = (
+                        (delta > BREAK_ANY).astype(np.uint8) + (delta > BREAK_STRONG)
+                        + (delta > BREAK_VISIBLE)
+                    )  # fmt: skip
                     breaks[(bone.name, k)] = mask
         sub = np.ix_(ss - s0, rr, cc)
         h, t, lab = hu[sub], tissue[sub], labels[sub]

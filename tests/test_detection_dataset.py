@@ -23,7 +23,7 @@ from keras_cspine.detection.yolo_dataset import (
 )
 from keras_cspine.errors import CSpineDataError
 
-pytestmark = pytest.mark.detect
+pytestmark = [pytest.mark.detect, pytest.mark.xdist_group("detect_dataset")]
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_bad_export_config(kwargs, match):
         ExportConfig(**kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(synthetic_data, tmp_path_factory) -> Path:
     """``detect export`` of the shared tiny synthetic dataset, through the real entry point."""
     out = tmp_path_factory.mktemp("yolo") / "export"

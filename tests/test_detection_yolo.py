@@ -65,14 +65,14 @@ def run_python(code: str, *args: str, env: dict | None = None, timeout: float = 
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(synthetic_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("detect") / "yolo64"
     export_yolo_dataset(synthetic_data, out, ExportConfig(size=64), progress=False)
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(exported, tmp_path_factory) -> dict:
     """``python -m keras_cspine detect train`` with a network audit hook and a fresh config dir."""
     root = tmp_path_factory.mktemp("train")

@@ -168,6 +168,9 @@ class OnnxDetector:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        # No busy-waiting between operators: the predictor shares the CPU with TensorFlow (stage 1)
+        # and with data loading, where spinning threads steal the cores they wait for.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.model_path), sess_options=options,

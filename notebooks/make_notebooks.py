@@ -1,0 +1,381 @@
+"""Generate notebooks/0[1-4]_*.ipynb from the cells below: edit here, then run
+`python notebooks/make_notebooks.py` (the .ipynb files are committed; tests execute them)."""
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/main/notebooks")
+
+SETTINGS = '''# Settings. SMALL=1 (the tests) shrinks every size; KERAS_CSPINE_NB_WORK is the working folder
+# shared by the four notebooks (02 and 03 reuse what 01 prepared, 04 reuses their models).
+import os
+from pathlib import Path
+
+SMALL = os.environ.get("KERAS_CSPINE_NB_SMALL", "0") == "1"
+WORK = Path(os.environ.get("KERAS_CSPINE_NB_WORK", "/kaggle/working" if Path("/kaggle/working").is_dir() else "nb_work"))
+WORK.mkdir(parents=True, exist_ok=True)
+KAGGLE_INPUT = Path("/kaggle/input/rsna-2022-cervical-spine-fracture-detection")
+print("working folder:", WORK.resolve(), "| small:", SMALL)'''
+
+DATA = '''# Data: the ONE switch between the built-in synthetic dataset (default) and the Kaggle input.
+# On Kaggle, add the competition data to the notebook and set USE_KAGGLE = True.
+USE_KAGGLE = False
+
+from keras_cspine.synthetic import generate_dataset
+
+if USE_KAGGLE:
+    DATA = KAGGLE_INPUT
+    assert (DATA / "train.csv").is_file(), f"no Kaggle input at {DATA}"
+else:
+    DATA = WORK / "synthetic"
+    if not (DATA / "synthetic_manifest.json").is_file():
+        generate_dataset(DATA, n_studies=6 if SMALL else 16, seed=0,
+                         preset="tiny" if SMALL else "small", workers=1 if SMALL else 2)
+print("data:", DATA)'''
+
+INSTALL = ("On Kaggle, install the package first (internet on): "
+           "`!pip install git+<keras_cspine repository>`, or attach it as a dataset. "
+           "Everything below imports `keras_cspine`; no code is redefined here.")
+
+PREPARE = '''# The slice index + image cache (shared with notebooks 02-04). On Kaggle only the 87 studies with
+# a segmentation carry slice labels, so only those are prepared.
+from keras_cspine.io.rsna import RsnaLayout
+from keras_cspine.prepare import prepare_dataset, load_index
+
+SIZE = 32 if SMALL else (224 if USE_KAGGLE else 64)
+PREPARED = WORK / f"prepared{SIZE}"
+layout = RsnaLayout(DATA)
+labelled = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
+prepare_dataset(DATA, PREPARED, size=SIZE, mode="bone", studies=labelled, workers=1 if SMALL else 2)
+index = load_index(PREPARED)
+print(f"{index.StudyInstanceUID.nunique()} studies, {len(index)} slices")'''
+
+
+def notebook(cells):
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def md(text):
+    return new_markdown_cell(text.strip())
+
+
+def code(text):
+    return new_code_cell(text.strip())
+
+
+nb01 = notebook([
+    md("""
+# 01 - Data and preprocessing (paper Section 3.1-3.2, Algorithm 1, Figure 4)
+
+The RSNA 2022 Cervical Spine Fracture Detection layout, read with `keras_cspine.io`; the paper's
+Algorithm 1 and the bone-window modes of `keras_cspine.preprocess`; vertebra labels per slice from
+the NIfTI segmentations (aligned from the DICOM and NIfTI geometry); Figure 4-style slices.
+Runs top to bottom on the built-in synthetic data; one cell switches to the Kaggle input.
+
+""" + INSTALL),
+    code(SETTINGS),
+    code(DATA),
+    md("## The layout: CSVs validated against their schemas"),
+    code('''from keras_cspine.io.rsna import RsnaLayout
+
+layout = RsnaLayout(DATA)
+labels = layout.train_labels()
+boxes = layout.bounding_boxes()
+print(f"{len(labels)} training studies, {int(labels.patient_overall.sum())} with a fracture; "
+      f"{len(boxes)} fracture boxes")
+labels.head()'''),
+    code("boxes.head()"),
+    md("## One study: geometry-aware reading (series order = head to feet)"),
+    code('''from keras_cspine.io.dicom import read_series, transfer_syntax_name
+
+uid = sorted(labels.StudyInstanceUID[labels.patient_overall == 1])[0]
+volume, meta = read_series(layout.series_dir(uid))
+print(f"{uid}: {volume.shape} (Z, Y, X) HU, spacing {meta.spacing_mm:.2f} mm, "
+      f"head first: {meta.head_first}, pixels {meta.slices[0].pixel_spacing} mm, "
+      f"{transfer_syntax_name(meta.slices[0].transfer_syntax_uid)}")
+print("file numbers in series order:", meta.slice_numbers[:5], "...", meta.slice_numbers[-3:])'''),
+    md("""
+## Algorithm 1 (the paper's preprocessing) beside the window modes
+
+`paper_algorithm1` follows the paper exactly (YBR_FULL workaround, per-slice min-max, uint8,
+grey -> RGB); `to_model_image` gives the same on HU (mode `"paper"`) and the bone and
+three-window modes used by strong RSNA solutions.
+"""),
+    code('''import matplotlib.pyplot as plt
+import numpy as np
+from keras_cspine.preprocess import paper_algorithm1, to_model_image
+
+box_slices = boxes[boxes.StudyInstanceUID == uid].slice_number.tolist()
+number = int(box_slices[len(box_slices) // 2]) if box_slices else int(meta.slice_numbers[len(volume) // 2])
+i = meta.slice_numbers.index(number)
+images = {"Algorithm 1 (paper)": paper_algorithm1(meta.slices[i].path),
+          "bone (400/1800)": to_model_image(volume[i], "bone", size=None),
+          "multiwindow": to_model_image(volume[i], "multiwindow", size=None)}
+fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+for ax, (name, image) in zip(axes, images.items()):
+    ax.imshow(image); ax.set_title(f"{name}, slice {number}"); ax.axis("off")
+plt.show()
+on_hu = to_model_image(volume[i], "paper", size=None).astype(int)
+print("Algorithm 1 on the file vs mode 'paper' on HU: at most",
+      np.abs(images["Algorithm 1 (paper)"].astype(int) - on_hu).max(), "grey level(s) apart")'''),
+    md("## Vertebra labels per slice from the segmentation (aligned by geometry, not by rot90)"),
+    code('''from keras_cspine.io.nifti import align_segmentation, vertebra_presence
+
+seg_path = layout.segmentation_path(uid)
+if seg_path is not None:
+    seg = align_segmentation(seg_path, meta)
+    presence = vertebra_presence(seg)
+    fig, ax = plt.subplots(figsize=(8, 2.5))
+    ax.imshow(presence.T, aspect="auto", cmap="Greens", interpolation="nearest")
+    ax.set_yticks(range(7), [f"C{k}" for k in range(1, 8)]); ax.set_xlabel("series index (head -> feet)")
+    ax.set_title("C1..C7 present on each slice"); plt.show()
+else:
+    print("no segmentation for", uid)'''),
+    md("## Prepare: the slice index and the image cache"),
+    code(PREPARE),
+    code("index.head()"),
+    md("## Figure 4 style: slices with their labels and fracture boxes"),
+    code('''from keras_cspine.viz import figure_sagittal, figure_slices, pick_slices
+
+fig = figure_slices(index, PREPARED, pick_slices(index, 8 if SMALL else 12, seed=0),
+                    title="slices with their vertebrae (and fracture boxes in red)")
+plt.show()'''),
+    code('''fig = figure_sagittal(index, PREPARED, index.StudyInstanceUID.iloc[0])
+plt.show()'''),
+])
+
+nb02 = notebook([
+    md("""
+# 02 - Vertebrae classification (paper Section 3.2 and 4.1, Tables 1-2, Figure 6)
+
+Stage 1: the two-input network (GCViT image branch + metadata branch -> 7 sigmoids for C1..C7)
+trained on prepared slices with binary cross-entropy, macro F1 monitored and ReduceLROnPlateau on
+validation F1, as in the paper; then the Table 1 metrics (macro F1, exact match ratio, coverage
+error), the Table 2 per-class report and the Figure 6 loss curves. On the synthetic default the
+model is GCViT-xxtiny at 64 px; on Kaggle the paper's GCViT-tiny at 224 px.
+
+""" + INSTALL),
+    code(SETTINGS),
+    code(DATA),
+    code(PREPARE),
+    md("## The paper's model: exact Table 1 parameter counts"),
+    code('''from keras_cspine.models.baselines import build_model, count_parameters
+from keras_cspine.evaluate import PAPER_PARAMETERS
+
+if SMALL:   # GCViT-tiny at 224 px takes a little while to build on a small CPU
+    counts = count_parameters(build_model("gcvit_xxtiny", image_size=64, freeze="none"))
+    print("GCViT-xxtiny at 64 px:", counts)
+else:
+    counts = count_parameters(build_model("gcvit_tiny", image_size=224))
+    print("GCViT-tiny, levels 0-2 frozen:", counts, "| paper:", PAPER_PARAMETERS)'''),
+    md("## Training (resumable run directory: config, log, best model, metrics, figures)"),
+    code('''from keras_cspine.train import load_stage1_config, train_stage1
+
+CONFIG = "stage1_gcvit_tiny" if USE_KAGGLE else "stage1_synthetic_small"
+overrides = [f"data.image_size={SIZE}"]
+if SMALL:
+    overrides += ["train.epochs=1", "train.batch_size=16", "train.steps_per_epoch=4"]
+elif not USE_KAGGLE:
+    overrides += ["train.epochs=6"]
+config = load_stage1_config(CONFIG, overrides)
+STAGE1 = WORK / "stage1"
+summary = train_stage1(config, PREPARED, STAGE1, overwrite=True, verbose=2)
+print("best validation macro F1:", round(summary["best_val_f1_score"], 4))'''),
+    md("## Table 1 row (beside the paper's numbers) and Table 2"),
+    code('''from IPython.display import Markdown, display
+
+display(Markdown((STAGE1 / "table1_row.md").read_text()))
+display(Markdown((STAGE1 / "table2.md").read_text()))'''),
+    md("## Figure 6: training and validation loss"),
+    code('''from IPython.display import Image
+
+Image(filename=str(STAGE1 / "figures" / "loss_curves.png"))'''),
+    md("## Predictions on the held-out slices"),
+    code('''import pandas as pd
+
+predictions = pd.read_csv(STAGE1 / "predictions.csv")
+predictions.head(10)'''),
+])
+
+nb03 = notebook([
+    md("""
+# 03 - Fracture detection (paper Section 3.3 and 4.2, Table 3, Figures 7-10)
+
+Stage 2: the fracture boxes of `train_bounding_boxes.csv` (plus slices without fracture as
+negatives) exported as a YOLO dataset, a YOLO detector trained with Ultralytics (offline: nothing
+is downloaded), validated with Ultralytics' metrics cross-checked by our own mAP and pycocotools
+(Table 3), and exported to ONNX for the two-stage pipeline. This notebook never imports
+TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s at 640 px for 100
+epochs (a GPU is advised).
+
+""" + INSTALL),
+    code(SETTINGS),
+    code(DATA),
+    md("## The YOLO dataset (split by study, negatives added)"),
+    code('''from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
+
+EXPORT_SIZE = 64 if SMALL else (512 if USE_KAGGLE else 256)
+YOLO_DATA = WORK / f"yolo{EXPORT_SIZE}"
+export = export_yolo_dataset(DATA, YOLO_DATA, ExportConfig(size=EXPORT_SIZE, seed=0), progress=False)
+export["counts"]'''),
+    code('''import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
+from PIL import Image as PILImage
+from keras_cspine.detection.yolo_dataset import label_boxes_xyxy
+
+manifest = load_manifest(YOLO_DATA)
+shown = manifest[manifest.kind == "positive"].head(4)
+fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
+for ax, row in zip(axes[0], shown.itertuples()):
+    image = PILImage.open(YOLO_DATA / row.image)
+    ax.imshow(image); ax.axis("off"); ax.set_title(f"slice {row.slice_number}", fontsize=8)
+    for x1, y1, x2, y2 in label_boxes_xyxy(YOLO_DATA / row.label, image.height, image.width):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime"))
+plt.show()'''),
+    md("## Training (Ultralytics, offline; resumable) and validation"),
+    code('''from keras_cspine.detection.ultralytics_train import DetectTrainConfig, train_detector
+
+if USE_KAGGLE:
+    detect_config = DetectTrainConfig(model="yolov8s", epochs=100, imgsz=640, batch=16, device="0")
+elif SMALL:
+    detect_config = DetectTrainConfig(model="yolov8n", epochs=1, imgsz=64, batch=8, workers=0,
+                                      plots=False, extra={"mosaic": 0.0})
+else:
+    detect_config = DetectTrainConfig(model="yolov8n", epochs=12, imgsz=256, batch=16, workers=0,
+                                      extra={"mosaic": 0.0, "close_mosaic": 0})
+STAGE2 = WORK / "stage2"
+metrics = train_detector(YOLO_DATA, STAGE2, detect_config, overwrite=True)
+{k: metrics[k] for k in ("model", "images", "instances", "precision", "recall", "mAP50", "mAP50-95")}'''),
+    md("## Table 3 (beside the paper's rows; mAP cross-checked by our code and pycocotools)"),
+    code('''from IPython.display import Markdown, display
+from keras_cspine.detection.metrics import table3_row, write_table3
+
+rows = [table3_row("yolov8s" if USE_KAGGLE else detect_config.model, metrics)]
+csv_path, md_path = write_table3(rows, STAGE2)
+display(Markdown(open(md_path).read()))
+metrics["cross_check"]'''),
+    md("## Figures 7-10: training curves, confusion matrix, predictions"),
+    code('''from IPython.display import Image, display
+
+for figure in sorted((STAGE2).rglob("fig*.png")):
+    print(figure.relative_to(STAGE2))
+    display(Image(filename=str(figure)))'''),
+    md("## The ONNX export used by the two-stage pipeline (no torch needed there)"),
+    code('''import numpy as np
+from keras_cspine.detection.onnx_predictor import OnnxDetector
+
+detector = OnnxDetector(STAGE2 / "weights" / "best.onnx", conf=0.05)
+image = np.asarray(PILImage.open(YOLO_DATA / shown.iloc[0].image).convert("RGB")) if len(shown) else None
+found = detector.predict(image) if image is not None else None
+print(detector.imgsz, "input;", 0 if found is None else len(found), "boxes on the first positive slice")'''),
+])
+
+nb04 = notebook([
+    md("""
+# 04 - Two-stage inference on a study (paper Section 3, Figure 1)
+
+The paper's system end to end: stage 1 gives each slice its C1..C7 probabilities, stage 2 looks
+for fracture boxes only on slices where a cervical vertebra is present (gating), each box is
+assigned to the vertebrae on its slice, and the findings become per-vertebra and patient
+fracture probabilities: the RSNA submission, a JSON per study and a report (shown inline below).
+Stage 1 runs in TensorFlow and stage 2 through ONNX in the same kernel; when notebooks 02 and 03
+have not been run, small models are trained here (stage 2 in a subprocess: torch must not be
+imported after TensorFlow).
+
+""" + INSTALL),
+    code(SETTINGS),
+    code(DATA),
+    md("## Models: the ones of notebooks 02 and 03, or quick ones trained here"),
+    code('''import subprocess, sys
+from keras_cspine.pipeline import find_latest_stage1, find_latest_stage2
+
+STAGE1, STAGE2 = WORK / "stage1", WORK / "stage2"
+if not (STAGE2 / "weights" / "best.onnx").is_file():
+    export_size = 64 if SMALL else 256
+    subprocess.run([sys.executable, "-m", "keras_cspine", "detect", "export", str(DATA),
+                    str(WORK / f"yolo{export_size}"), "--size", str(export_size), "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "keras_cspine", "detect", "train", str(WORK / f"yolo{export_size}"),
+                    "--out", str(STAGE2), "--model", "yolov8n", "--epochs", "1" if SMALL else "12",
+                    "--imgsz", str(export_size), "--workers", "0", "--set", "extra.mosaic=0.0",
+                    "--overwrite"], check=True)
+if not (STAGE1 / "model.keras").is_file():
+    from keras_cspine.io.rsna import RsnaLayout
+    from keras_cspine.prepare import prepare_dataset
+    from keras_cspine.train import load_stage1_config, train_stage1
+
+    size = 32 if SMALL else 64
+    layout = RsnaLayout(DATA)
+    labelled = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
+    prepare_dataset(DATA, WORK / f"prepared{size}", size=size, studies=labelled, workers=1, progress=False)
+    config = load_stage1_config("stage1_synthetic_small", [f"data.image_size={size}",
+                                *(["train.epochs=1", "train.steps_per_epoch=4"] if SMALL else ["train.epochs=6"])])
+    train_stage1(config, WORK / f"prepared{size}", STAGE1, overwrite=True, verbose=2)
+print("stage 1:", find_latest_stage1(WORK), "| stage 2:", find_latest_stage2(WORK))'''),
+    md("## One study, step by step"),
+    code('''from keras_cspine.pipeline import PredictConfig, Stage1Model, Stage2Model, predict_study
+
+config = PredictConfig(box_conf=0.05 if SMALL else 0.1)
+stage1 = Stage1Model.load(STAGE1)
+stage2 = Stage2Model.load(STAGE2, conf=config.box_conf)
+print(stage1.describe()); print(stage2.describe())
+
+from keras_cspine.io.rsna import RsnaLayout
+layout = RsnaLayout(DATA)
+labels = layout.train_labels()
+uid = sorted(labels.StudyInstanceUID[labels.patient_overall == 1])[-1]
+result = predict_study(layout.series_dir(uid), stage1, stage2, config)
+print(f"{len(result.slice_numbers)} slices, stage 2 on {int(result.gated.sum())}, "
+      f"{len(result.boxes)} boxes; seconds {dict((k, round(v, 2)) for k, v in result.timings.items())}")
+result.fracture'''),
+    md("## The report, inline"),
+    code('''from IPython.display import HTML
+from keras_cspine.report import FIGURES, render_html, write_study_report
+
+truth = labels.set_index("StudyInstanceUID").loc[uid].to_dict()
+report = write_study_report(result, WORK / "report" / uid, truth=truth)
+figures = {name: report.parent / f"{name}.png" for name in FIGURES}
+HTML(render_html(result, figures, report.parent, embed=True))'''),
+    md("""
+## The Kaggle submission for every test study, and the study-level evaluation
+
+`predict` writes `submission.csv` in the competition's format. For a score, the same command runs on
+labelled studies with `labels=train.csv`: the competition metric (weighted multi-label log loss)
+and per-vertebra and patient AUC. The stage 1 run's own test studies are used here (unseen by
+stage 1; on the synthetic default the detector may have seen some of them).
+"""),
+    code('''import json
+import pandas as pd
+from keras_cspine.pipeline import predict
+
+test_summary = predict(DATA, WORK / "predict_test", stage1=stage1, stage2=stage2, config=config,
+                       progress=False)
+print(test_summary["n_studies"], "test studies ->", test_summary["files"]["submission"])
+pd.read_csv(test_summary["files"]["submission"]).head(8)'''),
+    code('''import os
+from keras_cspine.pipeline import evaluation_markdown
+
+splits = json.loads((STAGE1 / "splits.json").read_text())
+held = splits.get("test") or splits["val"]
+EVAL = WORK / "eval_studies"
+EVAL.mkdir(exist_ok=True)
+for u in held:
+    if not (EVAL / u).exists():
+        os.symlink(layout.series_dir(u).resolve(), EVAL / u)
+evaluation = predict(EVAL, WORK / "predict_eval", stage1=stage1, stage2=stage2, config=config,
+                     labels=DATA / "train.csv", progress=False)["evaluation"]
+from IPython.display import Markdown
+Markdown(evaluation_markdown(evaluation))'''),
+])
+
+OUT.mkdir(parents=True, exist_ok=True)
+for name, nb in (("01_data_and_preprocessing", nb01), ("02_vertebrae_classification", nb02),
+                 ("03_fracture_detection", nb03), ("04_two_stage_inference", nb04)):
+    nbformat.validate(nb)
+    nbformat.write(nb, OUT / f"{name}.ipynb")
+    print("wrote", OUT / f"{name}.ipynb")
