@@ -117,6 +117,10 @@ class TrainConfig:
         epochs, batch_size, learning_rate: as usual.
         optimizer: "adam" or "adamw" (``weight_decay`` for adamw).
         reduce_lr_factor, reduce_lr_patience, min_learning_rate: ReduceLROnPlateau on val F1.
+        reduce_lr_min_delta, reduce_lr_cooldown: its ``min_delta`` (an F1 gain smaller than this
+            counts as no gain) and ``cooldown`` (epochs after a cut before it counts again).
+        warmup_epochs: the learning rate rises linearly from ``learning_rate / (steps + 1)`` over
+            this many epochs (per batch) before ReduceLROnPlateau may act (0: no warm-up).
         early_stopping_patience: epochs without val F1 gain before stopping (0: never stop).
         steps_per_epoch: cap on batches per epoch (None: the whole split).
         seed: seeds Python, NumPy, Keras, shuffling and augmentation.
@@ -135,6 +139,9 @@ class TrainConfig:
     reduce_lr_factor: float = 0.5
     reduce_lr_patience: int = 2
     min_learning_rate: float = 1e-6
+    reduce_lr_min_delta: float = 0.0
+    reduce_lr_cooldown: int = 0
+    warmup_epochs: int = 0
     early_stopping_patience: int = 5
     steps_per_epoch: int | None = None
     seed: int = 0
@@ -156,6 +163,11 @@ class TrainConfig:
             )
         if self.strategy not in ("default", "mirrored"):
             raise ValueError(f"strategy must be 'default' or 'mirrored', got {self.strategy!r}")
+        if self.warmup_epochs < 0 or self.reduce_lr_cooldown < 0 or self.reduce_lr_min_delta < 0:
+            raise ValueError(
+                f"warmup_epochs, reduce_lr_cooldown and reduce_lr_min_delta must be >= 0, got "
+                f"{self.warmup_epochs}, {self.reduce_lr_cooldown}, {self.reduce_lr_min_delta}"
+            )
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,72 @@ class AtomicBestCheckpoint:
                     os.replace(self.tmp_path, self.final_path)
 
         return _Checkpoint()
+
+
+class PlateauAfterWarmup:
+    """``keras.callbacks.ReduceLROnPlateau`` on ``val_f1_score`` (mode max, the paper's schedule)
+    preceded by an optional linear warm-up; a Keras callback.
+
+    During the first ``warmup_epochs`` epochs the learning rate rises per batch from
+    ``base_lr / steps`` to ``base_lr`` and the plateau logic waits: early epochs of a model
+    trained from scratch often have a macro F1 of 0 (every sigmoid below 0.5), and cutting the
+    rate then only slows the start. Afterwards it is exactly ``ReduceLROnPlateau``.
+    """
+
+    def __new__(cls, base_lr: float, warmup_epochs: int = 0, steps_per_epoch: int = 1,
+                **plateau_kwargs):  # fmt: skip
+        keras = _keras()
+
+        class _Plateau(keras.callbacks.ReduceLROnPlateau):
+            def __init__(self):
+                super().__init__(**plateau_kwargs)
+                self.base_lr = float(base_lr)
+                self.warmup_epochs = int(warmup_epochs)
+                self.warmup_steps = max(int(warmup_epochs) * int(steps_per_epoch), 1)
+                self.epoch = 0
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.epoch = int(epoch)
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if self.epoch < self.warmup_epochs:
+                    step = self.epoch * (self.warmup_steps // self.warmup_epochs) + int(batch)
+                    lr = self.base_lr * min(step + 1, self.warmup_steps) / self.warmup_steps
+                    self.model.optimizer.learning_rate = lr
+
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch < self.warmup_epochs:
+                    if epoch == self.warmup_epochs - 1:
+                        self.model.optimizer.learning_rate = self.base_lr
+                    if logs is not None:
+                        logs["learning_rate"] = float(
+                            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+                        )
+                    return
+                super().on_epoch_end(epoch, logs)
+
+        return _Plateau()
+
+
+def build_training_state(model, batch) -> None:
+    """Create the optimizer, loss and metric variables before ``fit`` traces its train step.
+
+    Without a distribution strategy, Keras' TensorFlow trainer creates them inside the first
+    trace of the train step; variables created inside a ``tf.function`` make TensorFlow trace
+    the step a second time, and the ~500 optimizer slots of GCViT-xxtiny are made in graph mode.
+    That was about two thirds of the first step (60-250 s of CPU on GCViT-xxtiny); building
+    them symbolically first (what Keras does itself under a strategy) leaves one trace.
+
+    Args:
+        model: a compiled Keras model.
+        batch: one ``(inputs, targets)`` batch (e.g. ``sequence[0]``).
+    """
+    x, y = batch[0], batch[1]
+    symbolic = getattr(model, "_symbolic_build", None)  # Keras 3 trainer, stable since 3.0
+    if callable(symbolic):
+        symbolic(data_batch=(x, y, None))
+    elif model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 def _read_log(path: Path) -> list[dict[str, float]]:
@@ -441,9 +519,12 @@ def train_stage1(
         keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         EpochSync(train_seq),
         AtomicBestCheckpoint(run_dir / "model.keras", MONITOR, best=best_so_far),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=MONITOR, mode="max", factor=config.train.reduce_lr_factor,
-            patience=config.train.reduce_lr_patience, min_lr=config.train.min_learning_rate,
+        PlateauAfterWarmup(
+            config.train.learning_rate, config.train.warmup_epochs,
+            config.train.steps_per_epoch or len(train_seq), monitor=MONITOR, mode="max",
+            factor=config.train.reduce_lr_factor, patience=config.train.reduce_lr_patience,
+            min_lr=config.train.min_learning_rate, min_delta=config.train.reduce_lr_min_delta,
+            cooldown=config.train.reduce_lr_cooldown,
         ),  # fmt: skip
         keras.callbacks.CSVLogger(str(log_path), append=True),
     ]
@@ -460,6 +541,7 @@ def train_stage1(
         strategy = _strategy(config.train.strategy)
         with _scope(strategy):
             model = build_and_compile(config, train_seq.image_size)
+            build_training_state(model, train_seq[0])
         model.fit(
             train_seq,
             validation_data=val_seq,

@@ -23,7 +23,7 @@ from keras_cspine.detection.yolo_dataset import (
 )
 from keras_cspine.errors import CSpineDataError
 
-pytestmark = [pytest.mark.detect, pytest.mark.xdist_group("detect_dataset")]
+pytestmark = pytest.mark.detect  # `make test` runs files whole on one worker (--dist loadfile)
 
 
 @pytest.mark.parametrize(

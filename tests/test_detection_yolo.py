@@ -30,7 +30,7 @@ from keras_cspine.detection.ultralytics_train import (
 )
 from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
 
-pytestmark = [pytest.mark.detect, pytest.mark.xdist_group("detect_yolo")]
+pytestmark = pytest.mark.detect  # `make test` runs files whole on one worker (--dist loadfile)
 
 NETWORK_EVENTS = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname",
                   "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg", "urllib.Request")  # fmt: skip

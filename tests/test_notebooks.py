@@ -88,7 +88,6 @@ def _outputs_text(work: Path, name: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.notebook
-@pytest.mark.xdist_group("notebooks")
 def test_notebook_01_data(work, monkeypatch):
     _execute(NAMES[0], work, monkeypatch)
     assert (work / "synthetic" / "train.csv").is_file()
@@ -99,7 +98,6 @@ def test_notebook_01_data(work, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.notebook
-@pytest.mark.xdist_group("notebooks")
 def test_notebook_02_classification(work, monkeypatch):
     _execute(NAMES[1], work, monkeypatch)
     for name in ("model.keras", "table1_row.md", "table2.md", "figures/loss_curves.png"):
@@ -110,7 +108,6 @@ def test_notebook_02_classification(work, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.detect
-@pytest.mark.xdist_group("notebooks")
 def test_notebook_03_detection(work, monkeypatch):
     _execute(NAMES[2], work, monkeypatch)
     assert (work / "stage2" / "weights" / "best.onnx").is_file()
@@ -120,7 +117,6 @@ def test_notebook_03_detection(work, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.detect
-@pytest.mark.xdist_group("notebooks")
 def test_notebook_04_two_stage(work, monkeypatch):
     from keras_cspine.io.rsna import read_submission
 
