@@ -486,7 +486,10 @@ class WindowAttention(keras.layers.Layer):
         q = q * ops.cast(self.scale, q.dtype)
         attn = ops.matmul(q, ops.swapaxes(k, -1, -2))
         attn = attn + ops.cast(self.relative_bias(), attn.dtype)
-        attn = ops.softmax(attn, axis=-1)
+        if attn.shape[-1] == 1:  # a one-token window (tiny inputs): softmax over one key is 1
+            attn = ops.ones_like(attn)
+        else:
+            attn = ops.softmax(attn, axis=-1)
         y = ops.matmul(attn, v)  # (B, windows, heads, tokens, hd)
         y = ops.reshape(ops.transpose(y, (0, 1, 3, 2, 4)), (-1, windows, tokens, self.dim))
         return self.proj(y)
