@@ -25,14 +25,14 @@ import psutil
 
 
 class ProcessTreeMonitor:
-    """Samples this process and all its descendants every few milliseconds: the peak of their
+    """Samples this process and all its descendants every 50 ms: the peak of their
     summed RSS, and the CPU seconds they used (user + system) while the block ran.
 
     CPU time is reported beside wall time because on a shared, loaded machine the wall time of a
     run depends on the share of the cores it gets; CPU seconds do not.
     """
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.05):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._cpu: dict[int, float] = {}
         self._cpu_start = 0.0

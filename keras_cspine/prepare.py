@@ -325,8 +325,12 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["keras_cspine.io.dicom", "keras_cspine.preprocess",
-                                        "pydicom", "PIL.Image"])  # fmt: skip
+        preload = ["keras_cspine.prepare", "pydicom", "PIL.Image"]
+        from keras_cspine.io.dicom import dicomsdl_available
+
+        if dicomsdl_available():
+            preload.append("dicomsdl")
+        context.set_forkserver_preload(preload)
         return context
     return multiprocessing.get_context("spawn")
 
