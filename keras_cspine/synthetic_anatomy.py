@@ -11,15 +11,26 @@ Frames: a study places a *spine frame* (origin at the C2 body centre, axes as LP
 space with a small rotation; each vertebra has its own *local frame* in the spine frame (centre on
 the lordosis curve, pitched along it). Sizes follow adult anatomy (see DOMAIN.md): C1 a ring
 ~78 mm across with lateral masses and no body; C2 with the dens rising ~15 mm into the C1 ring;
-C3-C6 bodies ~17 x 15 x 14 mm with cortical shell, pedicles, laminae, spinous process and a
-~15 mm spinal canal; C7 with the longest spinous process; T1-T3 below; ~5 mm discs.
+C3-C7 with cortical shell, pedicles, laminae, processes and a ~15 mm spinal canal; T1-T3 (with
+their ribs) below; ~5 mm discs.
+
+Level cues (what a radiologist counts levels by, so that a single axial slice can be told apart
+from its neighbours, as in real CT): vertebral bodies widening from ~15 mm (C3) to ~20 mm (C7),
+bifid spinous processes (C2 large, C3-C5 small), C6's shorter process and C7's long one
+(vertebra prominens), transverse foramina down to C6, C6's carotid tubercle
+(:data:`VERTEBRA_SHAPES`); in front of the spine the mandible (C1-C3), the hyoid (C3), the
+larynx with its cartilages and changing airway (thyroid cartilage C4-C5, glottis C5, cricoid
+C6), the trachea with the thyroid gland and the oesophagus (C7-T1), the first ribs and the lung
+apices (T1-T2) (:func:`neck_landmarks`, :func:`mandible`, :func:`hyoid`, :func:`rib_pair`).
+Each is placed from the study's own vertebral levels, so it moves with the size, lordosis and
+rotations of the study (the larynx with a small extra offset, as people differ).
 
 Rendering composites tissue layers with partial-volume anti-aliasing (coverage
-``clip(0.5 - d / pixel, 0, 1)``): air, fat, muscle, airway, lung apices, discs, then bone (cortical
-shell of thickness ``t`` around a cancellous interior). A fracture is a thin slab (a crack of
-soft-tissue HU) cut through the cortex and part of the cancellous bone within a sphere, optionally
-with the fragment on one side displaced; its boxes are where the fractured bone differs from the
-intact bone.
+``clip(0.5 - d / pixel, 0, 1)``): air, fat, muscle, neck landmarks (oesophagus, thyroid gland,
+airway, cartilage), lung apices, discs, then bone (cortical shell of thickness ``t`` around a
+cancellous interior). A fracture is a thin slab (a crack of soft-tissue HU) cut through the
+cortex and part of the cancellous bone within a sphere, optionally with the fragment on one side
+displaced; its boxes are where the fractured bone differs from the intact bone.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from keras_cspine.synthetic import (
     render_study,
     sample_study,
 )
+from keras_cspine.synthetic_anatomy import VERTEBRA_SHAPES
 
 N_TRAIN, N_TEST, SEED = 6, 2, 11
 UID_RE = re.compile(r"^1\.2\.826\.0\.1\.3680043\.\d+$")
@@ -498,3 +499,64 @@ def test_tiny_study_is_fast(tmp_path):
         generate_study(tmp_path, seed=0, index=index, preset="tiny", keep_volumes=False)
     per_study = (time.perf_counter() - start) / 3
     assert per_study < 3.0, f"{per_study:.2f} s per tiny study (target < 1 s on a free core)"
+
+
+# -- level cues (the anatomy that tells C3..C7 apart) ------------------------------------------
+def test_vertebral_level_features_follow_anatomy():
+    widths = [VERTEBRA_SHAPES[v]["half"][0] * 2 for v in ("C3", "C4", "C5", "C6", "C7")]
+    assert np.all(np.diff(widths) > 0) and 14 <= widths[0] <= 16 and 19 <= widths[-1] <= 21
+    assert [v for v in VERTEBRA_SHAPES if VERTEBRA_SHAPES[v]["bifid"]] == ["C2", "C3", "C4", "C5"]
+    spinous = {v: VERTEBRA_SHAPES[v]["spinous"] for v in VERTEBRA_SHAPES}
+    assert spinous["C7"] == max(spinous.values()) and spinous["C6"] < spinous["C7"]
+    assert [v for v in VERTEBRA_SHAPES if VERTEBRA_SHAPES[v]["foramen"]] == [
+        "C2", "C3", "C4", "C5", "C6"
+    ]
+    tubercles = {v: VERTEBRA_SHAPES[v]["tubercle"] for v in VERTEBRA_SHAPES}
+    assert max(tubercles, key=tubercles.get) == "C6", "the carotid tubercle is C6's"
+
+
+def _labels_of_slices(study, where):
+    """Vertebra names (C1..C7, T1..) on the slices where ``where`` (per-slice bool) holds."""
+    names = [*VERTEBRAE, "T1", "T2", "T3"]
+    found = set()
+    for z in np.nonzero(where)[0]:
+        found |= {names[v - 1] for v in np.unique(study.seg[z]) if v}
+    return found
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_soft_tissue_landmarks_sit_at_their_levels(index):
+    study = generate_study(None, seed=8, index=index, preset="tiny", top="above_c1", bottom=1.0)
+    tissue, hu = study.tissue, study.hu
+    per_slice = tissue.reshape(len(tissue), -1)
+    cartilage = (per_slice == TISSUES["cartilage"]).sum(axis=1) >= 3
+    gland = (per_slice == TISSUES["gland"]).sum(axis=1) >= 3
+    # larynx: thyroid cartilage (C4-C5), arytenoids (C5), cricoid (C6)
+    assert {"C4", "C5", "C6"} <= _labels_of_slices(study, cartilage) <= {"C3", "C4", "C5", "C6",
+                                                                          "C7"}  # fmt: skip
+    # thyroid gland beside the trachea: C6-T1
+    assert "C7" in _labels_of_slices(study, gland)
+    assert _labels_of_slices(study, gland) <= {"C5", "C6", "C7", "T1", "T2"}
+    cart_hu = np.median(hu[tissue == TISSUES["cartilage"]])
+    gland_hu = np.median(hu[tissue == TISSUES["gland"]])
+    assert 120 <= cart_hu <= 430 and 60 <= gland_hu <= 160
+    # unlabelled bone in front of the spine (mandible at C1-C3, hyoid at C3) appears only
+    # on slices of C1..C4, never with the lower cervical spine
+    bone = np.isin(tissue, [TISSUES["cortical"], TISSUES["cancellous"]]) & (study.seg == 0)
+    rows = np.arange(tissue.shape[1])[None, :, None]
+    spine_row = np.array([np.nonzero(s)[0].mean() if s.any() else -1 for s in study.seg.any(2)])
+    anterior = bone & (rows < spine_row[:, None, None] - 12 / study.spec.grid.dr)
+    has_front_bone = anterior.reshape(len(anterior), -1).sum(axis=1) >= 3
+    cervical = (study.seg.reshape(len(tissue), -1).max(axis=1) <= 7) & (spine_row >= 0)
+    front = _labels_of_slices(study, has_front_bone & cervical)  # (ribs come with T1..T3)
+    assert "C2" in front and front <= {"C1", "C2", "C3", "C4"}, front
+    # the airway changes shape along the neck: wide pharynx above, round trachea below
+    air = per_slice == TISSUES["airway"]
+    shape = []
+    for z in range(len(tissue)):
+        rr, cc = np.nonzero(tissue[z] == TISSUES["airway"])
+        if len(rr) > 3:
+            shape.append((cc.max() - cc.min() + 1) / (rr.max() - rr.min() + 1))
+    neck = study.seg.reshape(len(tissue), -1).max(axis=1) > 1  # slices through C2 and below
+    assert air[neck].any(axis=1).all(), "an airway on every slice of the neck"
+    assert max(shape) > 1.8 and min(shape) < 1.3
