@@ -35,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from keras_cspine import __version__
+from keras_cspine._prepare_worker import render_chunk
 from keras_cspine.errors import BoxError, CSpineDataError
 from keras_cspine.io.dicom import list_series_files
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout, validate_frame
@@ -110,28 +111,6 @@ def read_settings(prepared: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Work units (module level so that worker processes can run them)
 # --------------------------------------------------------------------------------------------
-def _render_chunk(
-    paths: Sequence[str], start: int, cache_tmp: str, mode: str, size: int, decoder: str
-) -> list:
-    """Decode, preprocess and store files ``start .. start+len(paths)`` (file order) of a study.
-
-    Returns the files' SliceMeta: each file is parsed once, here, and the series is ordered from
-    these headers afterwards (``keras_cspine.io.dicom.series_from_slices``).
-    """
-    from keras_cspine.io.dicom import read_slice
-    from keras_cspine.preprocess import to_model_image
-
-    cache = np.load(cache_tmp, mmap_mode="r+")
-    metas = []
-    for offset, path in enumerate(paths):
-        hu, meta = read_slice(path, decoder=decoder)
-        cache[start + offset] = to_model_image(hu, mode=mode, size=size)
-        metas.append(meta)
-    cache.flush()
-    del cache
-    return metas
-
-
 def _slice_labels(layout: RsnaLayout, uid: str, meta) -> tuple[np.ndarray, bool]:
     """(Z, 7) presence labels from the segmentation, or -1 and False when there is none."""
     seg_path = layout.segmentation_path(uid)
@@ -325,7 +304,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        preload = ["keras_cspine.prepare", "pydicom", "PIL.Image"]
+        preload = ["keras_cspine._prepare_worker", "pydicom", "PIL.Image"]
         from keras_cspine.io.dicom import dicomsdl_available
 
         if dicomsdl_available():
@@ -395,7 +374,7 @@ def _run_studies(
             bar.total += n
             paths = [str(path) for _, path in numbered]
             for start in range(0, n, chunk_slices):
-                job = submit(_render_chunk, paths[start : start + chunk_slices], start, str(tmp),
+                job = submit(render_chunk, paths[start : start + chunk_slices], start, str(tmp),
                              settings.mode, settings.size, decoder)  # fmt: skip
                 pending[job] = (uid, start)
                 state[uid]["left"] += 1
