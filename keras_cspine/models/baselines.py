@@ -404,6 +404,9 @@ def build_model(
     else:
         if weights is not None or freeze not in (None, "none"):
             raise ValueError(f"{name}: only whole-model .weights.h5 files apply, got {weights!r}")
+        # no image backbone: a config's backbone settings (e.g. stage1_synthetic_small's
+        # narrow GCViT, kept when only model.name is overridden) do not apply to it
+        kwargs.pop("backbone_kwargs", None)
         model = _build_metadata_only(image_size, num_classes, **kwargs)
     if model_weights is not None:
         model.load_weights(model_weights)
