@@ -8,9 +8,12 @@ predictions of the run's best model (``model.keras``) on a held-out split of stu
 Files written into the run directory (atomically):
 
 - ``metrics.json``: the Table 1 figures, parameter counts, split and sizes;
-- ``table1_row.csv`` / ``table1_row.md``: the run's Table 1 row beside the paper's numbers;
+- ``table1_row.csv`` / ``table1_row.md``: the run's Table 1 row beside the paper's numbers, and a
+  second row, beyond the paper, after the study-level decoding of
+  :mod:`keras_cspine.level_decoding` (same predictions, decoded study by study);
 - ``table2.csv`` / ``table2.md``: the per-class report;
-- ``predictions.csv``: study, slice, true labels and scores for every evaluated slice;
+- ``predictions.csv``: study, slice, true labels, scores (``p_C1``...) and decoded scores
+  (``decoded_C1``...) for every evaluated slice;
 - ``figures/loss_curves.png``: Figure 6 (loss and macro F1 per epoch, train and validation).
 """
 
@@ -150,6 +153,17 @@ def predict_sequence(model, sequence) -> tuple[np.ndarray, np.ndarray]:
     return sequence.labels.astype(np.int64), scores
 
 
+def _level_decoder(run_dir: Path, prepared: Path, train_studies: Sequence[str]):
+    """The run's ``level_decoder.json``; fitted on its training split for runs without one."""
+    from keras_cspine.level_decoding import LEVEL_DECODER_FILE, LevelDecoder, fit_from_prepared
+
+    if (run_dir / LEVEL_DECODER_FILE).is_file():
+        return LevelDecoder.load(run_dir / LEVEL_DECODER_FILE)
+    decoder = fit_from_prepared(prepared, train_studies)
+    decoder.save(run_dir / LEVEL_DECODER_FILE)
+    return decoder
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     split: str = "test",
@@ -165,7 +179,8 @@ def evaluate_run(
         batch_size: prediction batch size (default: the run's).
 
     Returns:
-        ``{"split", "metrics", "parameters", "table1_row", "table2", "files"}``.
+        ``{"split", "metrics", "metrics_level_decoded", "parameters", "table1_row",
+        "table1_row_level_decoded", "table2", "files"}``.
     """
     import keras
 
@@ -197,6 +212,11 @@ def evaluate_run(
     metrics = multilabel_metrics(y_true, y_score)
     parameters = count_parameters(model)
     report = classification_report_frame(y_true, y_score, VERTEBRAE)
+    decoder = _level_decoder(run_dir, prepared, splits["train"])
+    frame = sequence.frame
+    y_decoded = decoder.decode_studies(y_score, frame["StudyInstanceUID"].to_numpy(),
+                                       frame["series_index"].to_numpy())  # fmt: skip
+    metrics_decoded = multilabel_metrics(y_true, y_decoded)
 
     files = {}
     extra = {
@@ -204,7 +224,9 @@ def evaluate_run(
         "image_size": sequence.image_size, "data": str(prepared),
     }  # fmt: skip
     row = table1_row(config.paper_row, config.model.name, metrics, parameters, **extra)
-    write_table(table1_frame([row]), run_dir / "table1_row")
+    row_decoded = table1_row(None, config.model.name, metrics_decoded, parameters, **extra)
+    row_decoded["row"] = f"{row['row']} + level decoding"
+    write_table(table1_frame([row, row_decoded]), run_dir / "table1_row")
     files["table1_row"] = str(run_dir / "table1_row.csv")
     write_table(report, run_dir / "table2", index=True)
     files["table2"] = str(run_dir / "table2.csv")
@@ -214,6 +236,8 @@ def evaluate_run(
         predictions[name] = y_true[:, k]
     for k, name in enumerate(VERTEBRAE):
         predictions[f"p_{name}"] = np.round(y_score[:, k], 6)
+    for k, name in enumerate(VERTEBRAE):
+        predictions[f"decoded_{name}"] = np.round(y_decoded[:, k], 6)
     with atomic_write(run_dir / "predictions.csv", newline="") as handle:
         predictions.to_csv(handle, index=False)
     files["predictions"] = str(run_dir / "predictions.csv")
@@ -228,8 +252,10 @@ def evaluate_run(
     result = {
         "split": split,
         "metrics": metrics,
+        "metrics_level_decoded": metrics_decoded,
         "parameters": parameters,
         "table1_row": row,
+        "table1_row_level_decoded": row_decoded,
         "table2": json.loads(report.to_json(orient="index")),
         "files": files,
     }

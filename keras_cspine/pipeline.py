@@ -10,7 +10,9 @@ This module joins them into study-level findings:
 
 - a study folder is read in series order (superior -> inferior) by :mod:`keras_cspine.io.dicom`;
 - stage 1 runs on every slice (:class:`Stage1Model`, the ``.keras`` of a training run, with the
-  run's preprocessing mode, image size and metadata features);
+  run's preprocessing mode, image size and metadata features); beyond the paper, its per-slice
+  probabilities are then decoded along the study by the run's level decoder
+  (:mod:`keras_cspine.level_decoding`: the vertebrae follow each other down the spine);
 - **gating**: stage 2 (:class:`Stage2Model`, the ONNX export run by onnxruntime, so that no torch
   enters the TensorFlow process) runs only on slices where stage 1 sees a cervical vertebra
   (``max_k p_k >= presence_threshold``); ``gating=False`` runs it on every slice;
@@ -105,6 +107,8 @@ class PredictConfig:
 
     Args:
         gating: run stage 2 only on slices where stage 1 sees a cervical vertebra.
+        level_decoding: decode stage 1's per-slice probabilities study by study
+            (:mod:`keras_cspine.level_decoding`) when the stage 1 run has a decoder.
         presence_threshold: a vertebra is present on a slice when its probability reaches this;
             used by the gate and by the assignment of boxes.
         box_conf: minimum confidence of a stage 2 box (Ultralytics' predict default 0.25).
@@ -120,6 +124,7 @@ class PredictConfig:
     """
 
     gating: bool = True
+    level_decoding: bool = True
     presence_threshold: float = 0.5
     box_conf: float = 0.25
     box_iou: float = 0.7
@@ -269,7 +274,7 @@ class Stage1Model:
 
     def __init__(self, model, mode: str = "bone", render_size: int | None = None,
                  metadata_columns: Sequence[str] = ("position_mm", "slice_ratio"),
-                 source: str = "<in memory>"):  # fmt: skip
+                 source: str = "<in memory>", level_decoder=None):  # fmt: skip
         from keras_cspine.preprocess import MODES, WINDOW_MODES
 
         if mode not in (*MODES, *WINDOW_MODES):
@@ -290,6 +295,7 @@ class Stage1Model:
                 f"{len(self.metadata_columns)} columns are configured: {self.metadata_columns}"
             )
         self.source = source
+        self.level_decoder = level_decoder
 
     @classmethod
     def load(cls, path: str | os.PathLike, mode: str | None = None,
@@ -298,10 +304,13 @@ class Stage1Model:
 
         The preprocessing comes from the run (its ``config.yaml`` and the ``prepare.json`` of
         its data); ``mode`` / ``render_size`` override it (default ``bone`` at the model size).
+        The run's ``level_decoder.json`` (written by ``train``), when present beside the model,
+        is loaded as :attr:`level_decoder`.
         """
         import keras
 
         import keras_cspine.models.baselines  # noqa: F401 - registers the backbones for loading
+        from keras_cspine.level_decoding import LEVEL_DECODER_FILE, LevelDecoder
 
         path = Path(path)
         model_path = path / "model.keras" if path.is_dir() else path
@@ -313,11 +322,13 @@ class Stage1Model:
             model = keras.saving.load_model(model_path)
         except (ValueError, OSError, TypeError) as err:
             raise CSpineDataError(model_path, f"not a loadable Keras model: {err}") from err
+        decoder_path = model_path.parent / LEVEL_DECODER_FILE
         return cls(
             model, mode=mode or settings.get("mode", "bone"),
             render_size=render_size or settings.get("render_size"),
             metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
             source=str(model_path),
+            level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
@@ -326,6 +337,7 @@ class Stage1Model:
             "source": self.source, "inputs": list(self.input_names), "mode": self.mode,
             "render_size": self.render_size, "image_size": self.image_size,
             "metadata_columns": list(self.metadata_columns),
+            "level_decoder": self.level_decoder is not None,
         }  # fmt: skip
 
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
@@ -688,6 +700,8 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
     started = time.perf_counter()
     z_mm = np.array([s.image_position[2] for s in meta.slices], dtype=np.float64)
     probabilities = stage1.predict(hu, positions, z_mm, batch_size=config.batch_size)
+    if config.level_decoding and stage1.level_decoder is not None:
+        probabilities = stage1.level_decoder.decode(probabilities).astype(np.float32)
     gated = gate_slices(probabilities, config.presence_threshold, config.gating)
     timings["stage1"] = time.perf_counter() - started
 
@@ -993,6 +1007,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="override a setting (repeatable)")  # fmt: skip
     parser.add_argument("--no-gating", action="store_true",
                         help="run stage 2 on every slice, not only where stage 1 sees C1-C7")  # fmt: skip
+    parser.add_argument("--no-level-decoding", action="store_true",
+                        help="use stage 1's per-slice probabilities as they are (the paper)")  # fmt: skip
     parser.add_argument("--report", choices=["html", "markdown", "none"],
                         help="per-study report format (default html)")  # fmt: skip
     parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
@@ -1008,6 +1024,8 @@ def run(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.no_gating:
         changes["gating"] = False
+    if args.no_level_decoding:
+        changes["level_decoding"] = False
     if args.report:
         changes["report"] = args.report
     config = dataclasses.replace(config, **changes) if changes else config

@@ -16,6 +16,8 @@ Splits are by study (``keras_cspine.splits.split_studies``), written to ``splits
 The run directory (``--run-dir``, default ``runs/<config name>``) holds:
 
 - ``config.yaml``: the resolved configuration; ``splits.json``; ``data.json`` (generator settings);
+- ``level_decoder.json``: the study-level decoder of :mod:`keras_cspine.level_decoding`, fitted on
+  the training split's label sequences (used by ``evaluate`` and ``predict``);
 - ``model.keras``: the best model by ``val_f1_score`` (written atomically);
 - ``training_log.csv`` (CSVLogger, appended across resumes) and ``history.json``;
 - ``backup/``: the BackupAndRestore state while training runs: rerunning the same command after a
@@ -45,6 +47,7 @@ from typing import Any
 
 from keras_cspine.config import dump_config, load_config, save_config
 from keras_cspine.errors import CSpineDataError
+from keras_cspine.level_decoding import LEVEL_DECODER_FILE, fit_from_prepared
 from keras_cspine.utils import seed_everything, write_json
 
 DEFAULT_CONFIG = "stage1_synthetic_small"
@@ -509,6 +512,7 @@ def train_stage1(
         raise CSpineDataError(prepared, "too few labelled studies for a validation split")
     save_config(config, run_dir / "config.yaml")
     write_json(run_dir / "splits.json", {**splits, "prepared": str(prepared)})
+    fit_from_prepared(prepared, splits["train"]).save(run_dir / LEVEL_DECODER_FILE)
     sequences = make_sequences(config, prepared, splits)
     train_seq, val_seq = sequences["train"], sequences["val"]
     write_json(run_dir / "data.json", {k: s.get_config() for k, s in sequences.items()})
@@ -611,6 +615,10 @@ def run(args: argparse.Namespace) -> int:
             f"; {summary['evaluation']['split']} macro F1 {ev['macro_f1']:.4f}, "
             f"EMR {ev['exact_match_ratio']:.4f}, coverage {ev['coverage_error']:.3f}"
         )
+        decoded = summary["evaluation"].get("metrics_level_decoded")
+        if decoded:
+            line += (f" (level-decoded: macro F1 {decoded['macro_f1']:.4f}, "
+                     f"EMR {decoded['exact_match_ratio']:.4f})")  # fmt: skip
     print(f"{line}; run directory {run_dir}")
     return 0
 

@@ -52,6 +52,27 @@ def test_evaluate_run_tables_agree_with_predictions(run_dir):
     assert stored["metrics"]["macro_f1"] == pytest.approx(result["metrics"]["macro_f1"])
 
 
+def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
+    from keras_cspine.level_decoding import LevelDecoder, fit_from_prepared
+
+    result = E.evaluate_run(run_dir, split="test")
+    splits = json.loads((run_dir / "splits.json").read_text())
+    decoder = LevelDecoder.load(run_dir / "level_decoder.json")  # written by train_stage1
+    refit = fit_from_prepared(splits["prepared"], splits["train"])
+    np.testing.assert_allclose(decoder.log_transition, refit.log_transition)
+    preds = pd.read_csv(run_dir / "predictions.csv")
+    scores = preds[[f"p_{v}" for v in VERTEBRAE]].to_numpy()
+    decoded = decoder.decode_studies(scores, preds.StudyInstanceUID, preds.series_index)
+    np.testing.assert_allclose(preds[[f"decoded_{v}" for v in VERTEBRAE]], decoded, atol=2e-6)
+    again = multilabel_metrics(preds[VERTEBRAE].to_numpy(), decoded)
+    rows = pd.read_csv(run_dir / "table1_row.csv")
+    assert list(rows["row"]) == ["ResNet152V2", "ResNet152V2 + level decoding"]
+    assert math.isnan(rows["paper_macro_f1"].iloc[1])
+    for key in ("macro_f1", "exact_match_ratio", "coverage_error"):
+        assert rows[key].iloc[1] == pytest.approx(again[key], abs=1e-4)
+        assert result["metrics_level_decoded"][key] == pytest.approx(again[key], abs=1e-4)
+
+
 def test_cli_prints_tables(run_dir, capsys):
     assert E.main([str(run_dir), "--split", "val"]) == 0
     out = capsys.readouterr().out

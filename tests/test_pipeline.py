@@ -312,6 +312,7 @@ def test_stage1_settings_come_from_the_training_run(models, tmp_path):
     assert (stage1.mode, stage1.render_size, stage1.image_size) == ("paper", 48, 32)
     assert stage1.metadata_columns == ("position_mm", "slice_ratio")
     assert Stage1Model.load(models[0]).describe()["mode"] == "bone"  # bare file: defaults
+    assert stage1.level_decoder is None  # a run without level_decoder.json
     with pytest.raises(CSpineDataError, match="stage 1 model not found"):
         Stage1Model.load(tmp_path / "nothing")
 
@@ -334,6 +335,32 @@ def test_inference_inputs_equal_the_training_inputs(models, synthetic_data, prep
                                atol=1e-5)  # fmt: skip
     np.testing.assert_array_equal(stage1.images(hu), batch["image"])
     np.testing.assert_array_equal(stage1.images(hu).astype(np.uint8), load_cache(prepared, uid))
+
+
+def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_data, tmp_path):
+    from keras_cspine.level_decoding import LevelDecoder
+    from keras_cspine.pipeline import Stage1Model, predict_study
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(models[0], run_dir / "model.keras")
+    spine = np.zeros((12, 7), np.int8)
+    for k in range(7):
+        spine[1 + k : 3 + k, k] = 1  # C1, C1+C2, C2+C3, ... one level lower every slice
+    decoder = LevelDecoder.fit([spine, spine[3:]])
+    decoder.save(run_dir / "level_decoder.json")
+    stage1 = Stage1Model.load(run_dir, mode="bone", render_size=32)
+    assert stage1.describe()["level_decoder"] is True
+    uid = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[0]
+    folder = synthetic_data / "train_images" / uid
+    raw = predict_study(folder, stage1, None, PredictConfig(level_decoding=False, report="none"))
+    decoded = predict_study(folder, stage1, None, PredictConfig(report="none"))
+    # the ratio classifier calls all seven vertebrae present on the lower half of the study,
+    # which no spine shows; decoded, at most two adjacent vertebrae remain on any slice
+    assert (raw.probabilities >= 0.5).sum(axis=1).max() == 7
+    assert (decoded.probabilities >= 0.5).sum(axis=1).max() <= 2
+    np.testing.assert_allclose(decoded.probabilities, decoder.decode(raw.probabilities),
+                               atol=1e-5)  # fmt: skip
 
 
 def test_sagittal_projection_follows_the_spine():

@@ -10,7 +10,9 @@ from helpers_stage1 import make_prepared
 from keras_cspine.config import dump_config
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.train import (
+    PlateauAfterWarmup,
     Stage1Config,
+    build_training_state,
     history_from_log,
     load_stage1_config,
     main,
@@ -130,3 +132,71 @@ def test_bundled_table1_configs():
 def test_data_path_must_be_prepared_or_rsna(tmp_path):
     with pytest.raises(CSpineDataError, match="neither a prepare folder"):
         train_stage1(_config(), tmp_path, tmp_path / "run")
+
+
+def _tiny_compiled_model(learning_rate=0.1):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="sigmoid")])
+    model.compile(keras.optimizers.SGD(learning_rate), "binary_crossentropy")
+    return model
+
+
+def _lr(model):
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def test_warmup_rises_linearly_then_plateau_schedule_takes_over():
+    model = _tiny_compiled_model()
+    callback = PlateauAfterWarmup(0.1, warmup_epochs=2, steps_per_epoch=4, monitor="val_f1_score",
+                                  mode="max", factor=0.5, patience=2, min_delta=0.0)  # fmt: skip
+    callback.set_model(model)
+    callback.on_train_begin()
+    seen = []
+    for epoch, f1 in enumerate([0.0, 0.0, 0.5, 0.5, 0.5]):  # F1 stuck at 0 while warming up
+        callback.on_epoch_begin(epoch)
+        for batch in range(4):
+            callback.on_train_batch_begin(batch)
+            seen.append(round(_lr(model), 6))
+        logs = {"val_f1_score": f1}
+        callback.on_epoch_end(epoch, logs)
+        if epoch < 2:  # warm-up epochs log the rate they set
+            assert logs["learning_rate"] == pytest.approx(_lr(model))
+    # 8 warm-up steps from base/8 to base, then the base rate untouched by the batches
+    assert seen[:8] == pytest.approx([0.1 * k / 8 for k in range(1, 9)])
+    assert seen[8:16] == pytest.approx([0.1] * 8)
+    # epochs 0-1 (F1 0) never count as a plateau; epoch 2 sets the best, 3 and 4 wait, then halve
+    assert seen[16:] == pytest.approx([0.1] * 4)
+    assert _lr(model) == pytest.approx(0.05)
+
+
+def test_without_warmup_it_is_reduce_lr_on_plateau():
+    model = _tiny_compiled_model()
+    callback = PlateauAfterWarmup(0.1, warmup_epochs=0, monitor="val_f1_score", mode="max",
+                                  factor=0.5, patience=2)  # fmt: skip
+    assert isinstance(callback, keras.callbacks.ReduceLROnPlateau)
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, f1 in enumerate([0.2, 0.2, 0.2]):
+        callback.on_epoch_begin(epoch)
+        callback.on_train_batch_begin(0)
+        callback.on_epoch_end(epoch, {"val_f1_score": f1})
+    assert _lr(model) == pytest.approx(0.05)
+
+
+def test_build_training_state_changes_nothing_but_when_variables_are_made():
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = (x[:, :2] > 0).astype("float32")
+    trained = []
+    for prebuild in (False, True):
+        model = _tiny_compiled_model()
+        model.compile(keras.optimizers.AdamW(0.01), "binary_crossentropy",
+                      metrics=[keras.metrics.F1Score(average="macro", threshold=0.5)])  # fmt: skip
+        if prebuild:
+            build_training_state(model, (x, y))
+            assert model.optimizer.built and len(model.optimizer.variables) > 1
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        trained.append([w.copy() for w in model.get_weights()])
+    for a, b in zip(*trained):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
