@@ -147,7 +147,10 @@ def predict_sequence(model, sequence) -> tuple[np.ndarray, np.ndarray]:
     """``(y_true, y_score)`` of a non-shuffled CSpineSequence, in its frame order."""
     if sequence.shuffle or sequence.balance or sequence.augment is not None:
         raise ValueError("evaluate on a sequence without shuffle, balance or augmentation")
-    scores = np.asarray(model.predict(sequence, verbose=0), dtype=np.float64)
+    from keras_cspine.data import KeepFreedMemory
+
+    scores = np.asarray(model.predict(sequence, verbose=0, callbacks=[KeepFreedMemory()]),
+                        dtype=np.float64)  # fmt: skip
     if scores.shape != sequence.labels.shape:
         raise ValueError(f"model gave {scores.shape} scores for {sequence.labels.shape} labels")
     return sequence.labels.astype(np.int64), scores

@@ -481,7 +481,7 @@ def train_stage1(
         verbose: passed to ``model.fit``.
     """
     keras = _keras()
-    from keras_cspine.data import EpochSync, split_prepared
+    from keras_cspine.data import EpochSync, KeepFreedMemory, split_prepared
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
@@ -522,6 +522,7 @@ def train_stage1(
     callbacks = [
         keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         EpochSync(train_seq),
+        KeepFreedMemory(),
         AtomicBestCheckpoint(run_dir / "model.keras", MONITOR, best=best_so_far),
         PlateauAfterWarmup(
             config.train.learning_rate, config.train.warmup_epochs,

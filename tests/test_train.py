@@ -200,3 +200,13 @@ def test_build_training_state_changes_nothing_but_when_variables_are_made():
         trained.append([w.copy() for w in model.get_weights()])
     for a, b in zip(*trained):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_keeps_freed_memory_every_epoch(prepared, tmp_path, monkeypatch):
+    import keras_cspine.data
+
+    calls = []
+    monkeypatch.setattr(keras_cspine.data, "_keep_freed_memory", lambda: calls.append(1))
+    config = _config("model.name=metadata_only", "train.epochs=2", "train.evaluate=false")
+    train_stage1(config, prepared, tmp_path / "run", verbose=0)
+    assert len(calls) >= 4  # first training and validation batch of both epochs
