@@ -24,9 +24,12 @@ so a slice's relative position does not give its labels away.
 
 The anatomy is rendered in patient coordinates (:mod:`keras_cspine.synthetic_anatomy`), so
 pixels, segmentation and boxes agree with the geometry tags by construction. Fractures are
-visible cortical breaks (a 1-3 mm soft-tissue gap, at least 1.5 pixels, sometimes with a
-displaced fragment); a vertebra is labelled fractured exactly when its break shows on at least one
-slice, and each such slice has a box around the break. Everything is deterministic for a seed:
+acute, conspicuous cortical breaks as a reader boxes them: a lucent line (a 2-3.5 mm soft-tissue
+gap, at least 2 pixels wide), usually with a cortical step-off (a fragment displaced by 1-3 mm,
+at least a pixel); a vertebra is labelled fractured exactly when its break shows on at least one
+slice, and each such slice has a box drawn around the fracture region (the crack and the
+displaced fragment, plus a margin in millimetres; see :func:`_boxes_from_breaks`).
+Everything is deterministic for a seed:
 the same seed gives byte-identical files, whatever the number of workers.
 
 Example::
@@ -84,10 +87,25 @@ _FRACTURE_WEIGHTS = {"C1": 0.10, "C2": 0.22, "C3": 0.06, "C4": 0.08, "C5": 0.12,
                      "C7": 0.24}  # fmt: skip
 _SITE_WEIGHTS = {"body_anterior": 3.0, "body_lateral": 2.0, "lamina": 2.0, "pedicle": 1.5,
                  "spinous": 1.5, "dens": 2.5, "arch": 3.0, "lateral_mass": 1.5}  # fmt: skip
-BOX_MARGIN = 2
-"""Pixels of margin around a break's extent on its slice."""
+BOX_MARGIN_MM = 3.0
+"""Margin (mm) a reader leaves around a fracture region on its slice."""
+MIN_BOX_MM = 12.0
+"""Smallest box side (mm): RSNA boxes frame the fracture with some bone around it (on 512 px
+slices they are typically 15-25 mm across), never just the pixels of a thin crack."""
 MIN_BREAK_PIXELS = 2
 """A slice shows a break (and gets a box) when at least this many pixels clearly changed."""
+GAP_MM = (2.0, 3.5)
+"""Range of the width (mm) of a fracture's lucent line; at least :data:`MIN_GAP_PIXELS`."""
+MIN_GAP_PIXELS = 2.0
+"""Narrowest gap in pixels: a one-pixel line drowns in partial volume and noise."""
+DISPLACED = 0.7
+"""Share of fractures with a displaced fragment (cortical step-off), as in the acute, boxed
+fractures of the RSNA set; the rest are undisplaced lucent lines."""
+SHIFT_MM = (1.0, 3.0)
+"""Range of the displacement (mm) of the fragment; at least one pixel."""
+CRACK_RADIUS_MM = (7.0, 11.0)
+"""Range of the radius (mm) of the crack around its point: it crosses the cortex and part of the
+cancellous bone and shows on several slices."""
 
 
 # -- presets -----------------------------------------------------------------------------------
@@ -338,7 +356,13 @@ def _slice_position(spec: StudySpec, world: np.ndarray) -> float:
 
 
 def _sample_fractures(rng: np.random.Generator, spec: StudySpec) -> None:
-    """Choose 1-3 fractured vertebrae inside the coverage and a visible break for each."""
+    """Choose 1-3 fractured vertebrae inside the coverage and a visible break for each.
+
+    The fracture patterns of the paper's data (Section 3, the RSNA boxes): vertebrae weighted by
+    :data:`_FRACTURE_WEIGHTS`, sites by :data:`_SITE_WEIGHTS`, a lucent line of :data:`GAP_MM`
+    (at least :data:`MIN_GAP_PIXELS` pixels), displaced by :data:`SHIFT_MM` in :data:`DISPLACED`
+    of the cases, over a crack of radius :data:`CRACK_RADIUS_MM`.
+    """
     anatomy, depth = spec.anatomy, (spec.n_slices - 1) * spec.spacing
     margin = 1.5 * spec.spacing + 2.0
     candidates = []
@@ -369,13 +393,14 @@ def _sample_fractures(rng: np.random.Generator, spec: StudySpec) -> None:
             else:
                 continue
             shift = np.zeros(3)
-            if rng.random() < 0.35:
+            if rng.random() < DISPLACED:  # step-off: mostly along the crack plane, some opening
                 tangent = np.cross(normal, rng.normal(size=3))
                 direction = normal * rng.uniform(0, 1) + tangent / np.linalg.norm(tangent)
-                shift = direction / np.linalg.norm(direction) * rng.uniform(0.8, 2.0)
-            gap = max(float(rng.uniform(1.0, 3.0)), 1.5 * pixel)
-            bone.fractures.append(Fracture(kind, point, normal, gap, float(rng.uniform(6.0, 10.0)),
-                                           shift))  # fmt: skip
+                size = max(float(rng.uniform(*SHIFT_MM)), pixel)
+                shift = direction / np.linalg.norm(direction) * size
+            gap = max(float(rng.uniform(*GAP_MM)), MIN_GAP_PIXELS * pixel)
+            radius = float(rng.uniform(*CRACK_RADIUS_MM))
+            bone.fractures.append(Fracture(kind, point, normal, gap, radius, shift))
         if bone.fractures:
             placed.append(bone.name)
         if len(placed) == k:
@@ -419,27 +444,41 @@ def render_study(spec: StudySpec, *, with_fractures: bool = True, noise: bool = 
 
 
 def _boxes_from_breaks(spec: StudySpec, s0: int, breaks) -> dict[tuple[str, int], list[dict]]:
-    """Per fracture, one box per slice where the break shows (at least :data:`MIN_BREAK_PIXELS`
-    clearly changed pixels, one of them by more than ``BREAK_VISIBLE`` HU: a crack grazing only
-    cancellous bone on the edge slice of a break is not something a reader would box), around
-    every pixel it touched there, with a margin (native pixels)."""
+    """Per fracture, one box per slice where the break shows, drawn as a reader draws it.
+
+    A slice shows the break when at least :data:`MIN_BREAK_PIXELS` pixels clearly changed (by
+    more than ``BREAK_STRONG`` HU), one of them by more than ``BREAK_VISIBLE`` HU: a crack grazing
+    only cancellous bone on the edge slice of a break is not something a reader would box. The
+    box frames the fracture region of that slice (the clearly changed pixels: the lucent line and
+    the stepped-off cortex of a displaced fragment; not the faint partial-volume halo) with
+    :data:`BOX_MARGIN_MM` around it, widened about its centre to at least :data:`MIN_BOX_MM`,
+    out to whole native pixels (the margin and size are millimetres, whatever the pixel spacing).
+    """
     g = spec.grid
     out: dict[tuple[str, int], list[dict]] = {}
     for key, mask in breaks.items():
         flat = mask.reshape(len(mask), -1)
         strong = (flat >= 2).sum(axis=1)
         for i in np.nonzero((strong >= MIN_BREAK_PIXELS) & (flat == 3).any(axis=1))[0]:
-            rows, cols = np.nonzero(mask[i])
-            x0, x1 = max(int(cols.min()) - BOX_MARGIN, 0), min(int(cols.max()) + 1 + BOX_MARGIN,
-                                                               g.columns)  # fmt: skip
-            y0, y1 = max(int(rows.min()) - BOX_MARGIN, 0), min(int(rows.max()) + 1 + BOX_MARGIN,
-                                                               g.rows)  # fmt: skip
+            rows, cols = np.nonzero(mask[i] >= 2)
+            x, width = _box_side(cols.min(), cols.max() + 1, g.dc, g.columns)
+            y, height = _box_side(rows.min(), rows.max() + 1, g.dr, g.rows)
             out.setdefault(key, []).append({
-                "StudyInstanceUID": spec.uid, "x": float(x0), "y": float(y0),
-                "width": float(x1 - x0), "height": float(y1 - y0),
+                "StudyInstanceUID": spec.uid, "x": x, "y": y, "width": width, "height": height,
                 "slice_number": spec.file_number(s0 + int(i)),
             })  # fmt: skip
     return out
+
+
+def _box_side(lo: int, hi: int, pixel_mm: float, size: int) -> tuple[float, float]:
+    """Start and length of one side of a box around the pixel range ``[lo, hi)``: the margin and
+    the minimum length in mm, out to whole pixels, clipped to ``[0, size]``."""
+    margin, least = BOX_MARGIN_MM / pixel_mm, MIN_BOX_MM / pixel_mm
+    a, b = lo - margin, hi + margin
+    if b - a < least:
+        a, b = (a + b - least) / 2, (a + b + least) / 2
+    start, stop = max(int(np.floor(a + 1e-6)), 0), min(int(np.ceil(b - 1e-6)), size)
+    return float(start), float(stop - start)
 
 
 # -- writing -----------------------------------------------------------------------------------

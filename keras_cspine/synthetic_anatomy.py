@@ -29,8 +29,9 @@ Rendering composites tissue layers with partial-volume anti-aliasing (coverage
 ``clip(0.5 - d / pixel, 0, 1)``): air, fat, muscle, neck landmarks (oesophagus, thyroid gland,
 airway, cartilage), lung apices, discs, then bone (cortical shell of thickness ``t`` around a
 cancellous interior). A fracture is a thin slab (a crack of soft-tissue HU) cut through the
-cortex and part of the cancellous bone within a sphere, optionally with the fragment on one side
-displaced; its boxes are where the fractured bone differs from the intact bone.
+cortex and part of the cancellous bone within a sphere, with bare cancellous walls (the cortical
+ring is interrupted, not lined anew), optionally with the fragment on one side displaced; its
+boxes are drawn around where the fractured bone clearly differs from the intact bone.
 """
 
 from __future__ import annotations
@@ -897,11 +898,12 @@ def render_chunk(anatomy: Anatomy, grid: Grid, s0: int, s1: int, with_fractures:
         mm = bone.rot.T @ anatomy.rot.T
         x, y, z = _local_coords(grid, ss, rr, cc, centre_world, mm)
         d = bone.sdf(x, y, z)
+        core = d + bone.shell  # the cancellous interior, under a cortical shell
         if with_fractures:
             for k, frac in enumerate(bone.fractures):
-                before = _bone_on_soft_tissue(bone, d, pixel)
-                d = apply_fracture(bone.sdf, frac, x, y, z, d)
-                delta = np.abs(_bone_on_soft_tissue(bone, d, pixel) - before)
+                before = _bone_on_soft_tissue(bone, d, core, pixel)
+                d, core = apply_fracture(bone.sdf, frac, x, y, z, d, core, bone.shell)
+                delta = np.abs(_bone_on_soft_tissue(bone, d, core, pixel) - before)
                 if (delta > BREAK_ANY).any():
                     mask = np.zeros(shape, np.uint8)  # 1 touched, 2 clearly changed, 3 visible
                     mask[np.ix_(ss - s0, rr, cc)] = (
@@ -912,32 +914,42 @@ def render_chunk(anatomy: Anatomy, grid: Grid, s0: int, s1: int, with_fractures:
         sub = np.ix_(ss - s0, rr, cc)
         h, t, lab = hu[sub], tissue[sub], labels[sub]
         _layer(h, t, d, pixel, bone.cortical_hu, TISSUES["cortical"])
-        _layer(h, t, d + bone.shell, pixel, bone.cancellous_hu, TISSUES["cancellous"])
+        _layer(h, t, core, pixel, bone.cancellous_hu, TISSUES["cancellous"])
         if bone.label:
             lab[d < 0] = bone.label
         hu[sub], tissue[sub], labels[sub] = h, t, lab
     return hu, labels, tissue, breaks
 
 
-def _bone_on_soft_tissue(bone: Bone, d: Array, pixel: float) -> Array:
-    """HU of the bone composited over soft tissue (what a break changes, noise-free)."""
+def _bone_on_soft_tissue(bone: Bone, d: Array, core: Array, pixel: float) -> Array:
+    """HU of the bone (distance ``d``, cancellous core ``core``) composited over soft tissue:
+    what a break changes, noise-free."""
     hu = np.full(d.shape, HU_SOFT, np.float32)
     hu += np.clip(0.5 - d / pixel, 0.0, 1.0) * (bone.cortical_hu - hu)
-    hu += np.clip(0.5 - (d + bone.shell) / pixel, 0.0, 1.0) * (bone.cancellous_hu - hu)
+    hu += np.clip(0.5 - core / pixel, 0.0, 1.0) * (bone.cancellous_hu - hu)
     return hu
 
 
-def apply_fracture(sdf: Sdf, frac: Fracture, x: Array, y: Array, z: Array, d: Array) -> Array:
-    """The bone's distance after a fracture: the displaced fragment, then the crack slab removed."""
+def apply_fracture(sdf: Sdf, frac: Fracture, x: Array, y: Array, z: Array, d: Array, core: Array,
+                   shell: float) -> tuple[Array, Array]:  # fmt: skip
+    """A fracture (issue 4, the RSNA fracture boxes): the bone's distance ``d`` and the distance
+    ``core`` of its cancellous interior (``d + shell`` for intact bone) after the fracture.
+
+    The fragment on the +normal side within the crack sphere is displaced (with its cortex: a
+    step-off), then the crack slab is cut out of both. The crack walls are bare cancellous bone,
+    not a new cortical shell, so on a slice the cortical ring is interrupted by a lucent line, as
+    in a real fracture, instead of turning into a smooth notch that looks like normal anatomy.
+    """
     (p0, p1, p2), (n0, n1, n2) = (float(v) for v in frac.point), (float(v) for v in frac.normal)
     px, py, pz = x - p0, y - p1, z - p2
     along = px * n0 + py * n1 + pz * n2
     near = np.sqrt(px * px + py * py + pz * pz) - float(frac.radius)
-    d = d.copy()
+    d, core = d.copy(), core.copy()
     if np.any(frac.shift):
         frag = (along > 0) & (near < 0)
         if frag.any():
             sx, sy, sz = (float(v) for v in frac.shift)
             d[frag] = sdf(x[frag] - sx, y[frag] - sy, z[frag] - sz)
+            core[frag] = d[frag] + shell
     crack = np.maximum(np.abs(along) - float(frac.gap) / 2, near)
-    return np.maximum(d, -crack)
+    return np.maximum(d, -crack), np.maximum(core, -crack)

@@ -210,10 +210,20 @@ def test_train_config_validation():
         ({"imgsz": 100}, "multiple of 32"),
         ({"epochs": 0}, "epochs"),
         ({"extra": {"amp": True}}, "extra may not set"),
+        ({"nbs": 0}, "nbs"),
+        ({"mosaic": 1.5}, "mosaic"),
+        ({"scale": -0.1}, "scale"),
+        ({"close_mosaic": -1}, "close_mosaic"),
     ):
         with pytest.raises(ValueError, match=match):
             DetectTrainConfig(**kwargs)
     assert DetectTrainConfig(model="yolov5m").display_name == "yolov5m"
+
+
+def test_train_hyperparameters_fields_then_extra():
+    assert DetectTrainConfig().hyperparameters() == {}  # Ultralytics' own defaults
+    config = DetectTrainConfig(nbs=8, mosaic=0.0, extra={"mosaic": 0.5, "lr0": 0.02})
+    assert config.hyperparameters() == {"nbs": 8, "mosaic": 0.5, "lr0": 0.02}
 
 
 @pytest.mark.parametrize(

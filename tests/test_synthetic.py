@@ -17,8 +17,14 @@ import pytest
 
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.synthetic import (
+    BOX_MARGIN_MM,
+    DISPLACED,
+    GAP_MM,
     JPEG_LOSSLESS,
     MANIFEST,
+    MIN_BOX_MM,
+    MIN_GAP_PIXELS,
+    SHIFT_MM,
     TISSUES,
     VERTEBRAE,
     _SliceWriter,
@@ -369,6 +375,53 @@ def test_fracture_is_a_visible_cortical_break():
         assert (faint > 200).reshape(len(faint), -1).sum(axis=1).max() <= 1
         assert faint.max() < 600
     assert found > 0 and cortical >= 0.8 * found, "most boxes show a dark line through the cortex"
+
+
+def test_boxes_frame_the_fracture_region_in_millimetres():
+    """A reader's box: every clearly changed pixel of the break on its slice, a margin of
+    BOX_MARGIN_MM around them, at least MIN_BOX_MM a side (where the image edge does not cut it)."""
+    single = [i for i in range(12)  # one break: every box is its box
+              if len(sample_study(seed=6, index=i, preset="tiny", fractured=True).fractures) == 1]
+    assert len(single) >= 2
+    for index in single[:2]:
+        study = generate_study(None, seed=6, index=index, preset="tiny", fractured=True,
+                               keep_volumes=False)  # fmt: skip
+        spec, g = study.spec, study.spec.grid
+        (mask,) = render_study(spec, noise=False)[3].values()
+        pixel = np.array([g.dc, g.dc, g.dr, g.dr])
+        assert study.boxes
+        for b in study.boxes:
+            s = b["slice_number"] - 1 if spec.head_first else spec.n_slices - b["slice_number"]
+            rows, cols = np.nonzero(mask[s] >= 2)
+            x, y, w, h = b["x"], b["y"], b["width"], b["height"]
+            margin = np.array([cols.min() - x, x + w - cols.max() - 1,
+                               rows.min() - y, y + h - rows.max() - 1]) * pixel  # fmt: skip
+            edge = np.array([x <= 0, x + w >= g.columns, y <= 0, y + h >= g.rows])
+            assert (edge | (margin >= BOX_MARGIN_MM - 1e-3)).all(), (b, margin)
+            for size, extent, px, cut in ((w, np.ptp(cols) + 1, g.dc, edge[:2]),
+                                          (h, np.ptp(rows) + 1, g.dr, edge[2:])):  # fmt: skip
+                if not cut.any():  # out to whole pixels: at most a pixel more at each end
+                    assert size * px >= MIN_BOX_MM - 1e-3, b
+                    assert size * px <= max(MIN_BOX_MM, extent * px + 2 * BOX_MARGIN_MM) + 2 * px, b
+
+
+def test_fractures_are_conspicuous_and_mostly_displaced():
+    """Gaps of GAP_MM (at least MIN_GAP_PIXELS pixels), a step-off of SHIFT_MM in about
+    DISPLACED of the fractures (at least a pixel)."""
+    gaps, shifts = [], []
+    for index in range(40):
+        spec = sample_study(seed=3, index=index, preset="small", fractured=True)
+        for name, k in spec.fractures:
+            frac = spec.anatomy.vertebra(name).fractures[k]
+            pixel = spec.grid.dc
+            assert max(GAP_MM[0], MIN_GAP_PIXELS * pixel) - 1e-9 <= frac.gap
+            assert frac.gap <= max(GAP_MM[1], MIN_GAP_PIXELS * pixel) + 1e-9
+            shift = float(np.linalg.norm(frac.shift))
+            assert shift == 0 or max(SHIFT_MM[0], pixel) - 1e-9 <= shift <= max(SHIFT_MM[1], pixel)
+            gaps.append(frac.gap)
+            shifts.append(shift)
+    assert len(gaps) >= 40
+    assert abs(np.mean(np.array(shifts) > 0) - DISPLACED) < 0.15
 
 
 @pytest.mark.slow

@@ -64,7 +64,12 @@ class DetectTrainConfig:
         val_conf, val_iou: confidence and NMS IoU of the final validation (Ultralytics' 0.001 /
             0.7 defaults for mAP).
         onnx: export the best weights to ONNX after training.
-        extra: further Ultralytics train arguments (e.g. ``mosaic: 0.0``, ``lr0: 0.01``).
+        nbs, scale, mosaic, close_mosaic: Ultralytics' nominal batch size (gradients are
+            accumulated up to it: with ``batch`` 8 and the default 64, one optimizer step per 8
+            batches), zoom augmentation, mosaic probability and mosaic-free final epochs;
+            None keeps Ultralytics' defaults (64, 0.5, 1.0, 10).
+        extra: further Ultralytics train arguments (e.g. ``lr0: 0.01``); they win over the
+            fields above.
     """
 
     model: str = "yolov8s"
@@ -82,6 +87,10 @@ class DetectTrainConfig:
     val_conf: float = 0.001
     val_iou: float = 0.7
     onnx: bool = True
+    nbs: int | None = None
+    scale: float | None = None
+    mosaic: float | None = None
+    close_mosaic: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -100,9 +109,20 @@ class DetectTrainConfig:
             raise ValueError(f"imgsz must be a multiple of 32 (the YOLO stride), got {self.imgsz!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
+        for name, low, high in (("nbs", 1, None), ("scale", 0.0, None), ("mosaic", 0.0, 1.0),
+                                ("close_mosaic", 0, None)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (value < low or (high is not None and value > high)):
+                raise ValueError(f"{name} must be in [{low}, {high or 'inf'}], got {value!r}")
         reserved = sorted(set(self.extra) & RESERVED_ARGS)
         if reserved:
             raise ValueError(f"extra may not set {reserved}: they are fields of this config")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The Ultralytics train arguments set by the optional fields, then ``extra``."""
+        fields = ("nbs", "scale", "mosaic", "close_mosaic")
+        chosen = {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+        return {**chosen, **self.extra}
 
     @property
     def display_name(self) -> str:
@@ -389,7 +409,7 @@ def train_detector(
             patience=config.patience, optimizer=config.optimizer,
             deterministic=config.deterministic, plots=config.plots, amp=False,
             project=str(out.parent), name=out.name, exist_ok=True, verbose=False,
-            **config.extra,
+            **config.hyperparameters(),
         )  # fmt: skip
     write_json(run_file, {**resolved, "trained": True})
     best = out / "weights" / "best.pt"
