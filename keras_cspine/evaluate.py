@@ -218,7 +218,8 @@ def evaluate_run(
     decoder = _level_decoder(run_dir, prepared, splits["train"])
     frame = sequence.frame
     y_decoded = decoder.decode_studies(y_score, frame["StudyInstanceUID"].to_numpy(),
-                                       frame["series_index"].to_numpy())  # fmt: skip
+                                       frame["series_index"].to_numpy(),
+                                       frame["position_mm"].to_numpy())  # fmt: skip
     metrics_decoded = multilabel_metrics(y_true, y_decoded)
 
     files = {}

@@ -701,7 +701,10 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
     z_mm = np.array([s.image_position[2] for s in meta.slices], dtype=np.float64)
     probabilities = stage1.predict(hu, positions, z_mm, batch_size=config.batch_size)
     if config.level_decoding and stage1.level_decoder is not None:
-        probabilities = stage1.level_decoder.decode(probabilities).astype(np.float32)
+        from keras_cspine.level_decoding import slice_spacing
+
+        probabilities = stage1.level_decoder.decode(
+            probabilities, slice_spacing(positions)).astype(np.float32)
     gated = gate_slices(probabilities, config.presence_threshold, config.gating)
     timings["stage1"] = time.perf_counter() - started
 

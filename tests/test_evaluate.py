@@ -62,7 +62,12 @@ def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
     np.testing.assert_allclose(decoder.log_transition, refit.log_transition)
     preds = pd.read_csv(run_dir / "predictions.csv")
     scores = preds[[f"p_{v}" for v in VERTEBRAE]].to_numpy()
-    decoded = decoder.decode_studies(scores, preds.StudyInstanceUID, preds.series_index)
+    from keras_cspine.prepare import load_index
+
+    index = load_index(splits["prepared"]).set_index(["StudyInstanceUID", "series_index"])
+    positions = index.loc[list(zip(preds.StudyInstanceUID, preds.series_index)), "position_mm"]
+    decoded = decoder.decode_studies(scores, preds.StudyInstanceUID, preds.series_index,
+                                     positions.to_numpy())  # fmt: skip
     np.testing.assert_allclose(preds[[f"decoded_{v}" for v in VERTEBRAE]], decoded, atol=2e-6)
     again = multilabel_metrics(preds[VERTEBRAE].to_numpy(), decoded)
     rows = pd.read_csv(run_dir / "table1_row.csv")

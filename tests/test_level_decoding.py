@@ -38,9 +38,25 @@ def test_isolated_errors_are_corrected_by_the_order_of_the_spine():
     flips = {4: (3,), 19: (1,), 29: (6,), 41: (2,)}  # C3 amid C1, C1 amid C3, C6 amid C5 ...
     p = _noisy(TRUTH, flips)
     assert ((p > 0.5) != TRUTH).any(axis=1).sum() == len(flips)
-    decoder = LevelDecoder.fit(TRAIN)
+    decoder = LevelDecoder.fit(TRAIN, temperature=1.0)
     np.testing.assert_array_equal(decoder.viterbi(p), TRUTH)
     np.testing.assert_array_equal(decoder.decode(p) > 0.5, TRUTH == 1)
+
+
+def test_a_vertebra_lasts_at_least_its_shortest_training_extent_in_mm():
+    c4 = np.flatnonzero((TRUTH[:, 3] == 1) & (TRUTH.sum(axis=1) == 1))  # the 5 C4-only slices
+    p = _noisy(TRUTH, {i: (5,) for i in c4[1:]})  # C4 seen on its first slice only, then "C5"
+    with_prior = LevelDecoder.fit(TRAIN)
+    without = LevelDecoder.fit(TRAIN, duration_quantile=0)
+    assert with_prior.min_extent_mm[with_prior.keys.index(("set", 4))] == pytest.approx(4.6)
+    assert not any(without.min_extent_mm)
+    assert without.viterbi(p)[:, 3].sum() <= 2  # C4 stays a one-slice blip (+ the C4/C5 pair)
+    assert with_prior.viterbi(p)[c4, 3].sum() >= 4  # at least 4.6 mm of C4 at 1 mm spacing
+    # the prior is in millimetres: at a 2 mm spacing two slices already make 4.6 mm
+    halved = _noisy(TRUTH[::2], {})
+    assert with_prior.viterbi(halved, spacing_mm=2.0).shape == halved.shape
+    owner = with_prior._chains(2.0)[0]
+    assert (owner == with_prior.keys.index(("set", 4))).sum() == 2
 
 
 def test_decoded_probabilities_are_posteriors_over_label_sets():
@@ -77,10 +93,11 @@ def test_decode_studies_handles_interleaved_rows_in_any_order():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    decoder = LevelDecoder.fit(TRAIN, temperature=2.0)
+    decoder = LevelDecoder.fit(TRAIN, spacings_mm=[1.0, 1.0, 2.0, 1.5], temperature=1.5)
     path = decoder.save(tmp_path / "level_decoder.json")
     again = LevelDecoder.load(path)
-    assert again.keys == decoder.keys and again.temperature == 2.0
+    assert again.keys == decoder.keys and again.temperature == 1.5
+    assert again.min_extent_mm == decoder.min_extent_mm
     p = _noisy(TRUTH, {7: (5,)})
     np.testing.assert_allclose(again.decode(p), decoder.decode(p))
 

@@ -359,7 +359,10 @@ def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_d
     # which no spine shows; decoded, at most two adjacent vertebrae remain on any slice
     assert (raw.probabilities >= 0.5).sum(axis=1).max() == 7
     assert (decoded.probabilities >= 0.5).sum(axis=1).max() <= 2
-    np.testing.assert_allclose(decoded.probabilities, decoder.decode(raw.probabilities),
+    from keras_cspine.level_decoding import slice_spacing
+
+    spacing = slice_spacing(raw.positions_mm)
+    np.testing.assert_allclose(decoded.probabilities, decoder.decode(raw.probabilities, spacing),
                                atol=1e-5)  # fmt: skip
 
 
