@@ -112,7 +112,7 @@ ILLEGAL_GEOMETRY = [
     (dict(image_size=100), "multiple of 32"),
     (dict(image_size=112), "multiple of 32"),  # timm would make 28 px features, 3 px windows
     (dict(image_size=256, window_size=(8, 8, 8, 3)), "not divisible by window"),
-    (dict(image_size=96, window_size=12), "not divisible by window"),
+    (dict(image_size=96, window_size=5), "not divisible by window"),
     (dict(image_size=192, window_size=(16, 12, 6, 6)), "power of two"),  # 48 px / 16 = 3
     (dict(image_size=224, window_ratio=(32, 32)), "one entry per level"),
     (dict(image_size=(224, 224, 3)), "image_size"),
@@ -127,6 +127,17 @@ def test_geometry_rejects_sizes_that_windows_do_not_divide(kwargs, message):
             kwargs.pop("image_size"), 4, kwargs.pop("window_ratio", (32, 32, 16, 32)),
             kwargs.pop("window_size", None),
         )
+
+
+def test_a_given_window_larger_than_its_map_covers_the_whole_map():
+    # configs/stage1_synthetic_small.yaml's windows, written for 64 px, at the tests' 32 px
+    levels = G.gcvit_geometry(32, 4, window_size=(4, 4, 4, 2))
+    assert [lv["feature_size"] for lv in levels] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    assert [lv["window_size"] for lv in levels] == [(4, 4), (4, 4), (2, 2), (1, 1)]
+    assert [lv["num_windows"] for lv in levels] == [4, 1, 1, 1]
+    model = G.gcvit_xxtiny(image_size=32, window_size=(4, 4, 4, 2), include_top=False,
+                           pooling="avg")
+    assert model(np.zeros((1, 32, 32, 3), np.float32)).shape[0] == 1
 
 
 def test_geometry_error_quotes_the_sizes():

@@ -102,7 +102,9 @@ def gcvit_geometry(
 
     Follows timm: windows are ``image_size // window_ratio`` unless ``window_size`` is given (one
     int or pair for all levels, or one per level); a level of feature size ``f`` and window ``w``
-    pools its global query ``int(log2(min(f) / min(w)))`` times.
+    pools its global query ``int(log2(min(f) / min(w)))`` times. A given window larger than its
+    feature map shrinks to the map (one window, attention over the whole map), so that a config
+    written for one image size still builds at a smaller one.
 
     Returns:
         One dict per level with ``feature_size``, ``window_size``, ``num_windows`` and
@@ -157,6 +159,8 @@ def gcvit_geometry(
     for i, win in enumerate(windows):
         if i:
             feat = (feat[0] // 2, feat[1] // 2)
+        if window_size is not None:
+            win = (min(win[0], feat[0]), min(win[1], feat[1]))
         if min(win) < 1 or feat[0] % win[0] or feat[1] % win[1]:
             raise ValueError(
                 f"level {i}: feature map {feat} (image {(height, width)}) is not divisible by "
