@@ -9,9 +9,10 @@ above it: above C1, the disc after Ck, below C7), its transition and start proba
 counted on the training studies (smoothed, and only moves down the spine are possible besides an
 ``epsilon``), a duration prior makes each single vertebra last at least a low percentile of its
 extent in training (in mm: a chain of sub-states, so it follows each study's slice spacing), and
-the per-slice sigmoid outputs are the emissions (independent Bernoullis, tempered). The forward-backward
-posterior of each slice gives smoothed probabilities of C1..C7 that drop into every metric and
-into the two-stage pipeline unchanged; :meth:`LevelDecoder.viterbi` gives the single best path.
+the per-slice sigmoid outputs are the emissions (independent Bernoullis, tempered). The
+forward-backward posterior of each slice gives smoothed probabilities of C1..C7 that drop into
+every metric and into the two-stage pipeline unchanged; :meth:`LevelDecoder.viterbi` gives the
+single best path.
 
 Typical use::
 
