@@ -83,6 +83,15 @@ def _all_keys() -> list[tuple]:
     return keys
 
 
+def _label_vectors(keys: Sequence[tuple]) -> np.ndarray:
+    """``(S, 7)`` 0/1 label vector of every state key."""
+    states = np.zeros((len(keys), N_LEVELS), np.int8)
+    for i, key in enumerate(keys):
+        if key[0] == "set":
+            states[i, [int(level) - 1 for level in key[1:]]] = 1
+    return states
+
+
 def _check_labels(labels, where: str) -> np.ndarray:
     array = np.asarray(labels)
     if array.ndim != 2 or array.shape[1] != N_LEVELS:
@@ -165,10 +174,7 @@ class LevelDecoder:
         transition = counts / counts.sum(axis=1, keepdims=True)
         transition = np.where(forward, transition, 0.0) + np.where(forward, 0.0, epsilon)
         transition /= transition.sum(axis=1, keepdims=True)
-        states = np.zeros((n, N_LEVELS), np.int8)
-        for i, key in enumerate(keys):
-            if key[0] == "set":
-                states[i, [level - 1 for level in key[1:]]] = 1
+        states = _label_vectors(keys)
         extents: dict[tuple, list[float]] = {k: [] for k in keys}
         for ks, (_, spacing) in zip(study_keys, pairs):
             for key, first, last in _runs(ks):
@@ -338,11 +344,7 @@ class LevelDecoder:
             raise CSpineDataError(path, "level decoder file not found") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CSpineDataError(path, f"not a level decoder: {error}") from error
-        states = np.zeros((len(keys), N_LEVELS), np.int8)
-        for i, key in enumerate(keys):
-            if key[0] == "set":
-                states[i, [int(level) - 1 for level in key[1:]]] = 1
-        return cls(states, keys, log_start, log_transition, float(data.get("temperature", 2.0)),
+        return cls(_label_vectors(keys), keys, log_start, log_transition, float(data.get("temperature", 2.0)),
                    extents)  # fmt: skip
 
 

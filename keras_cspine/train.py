@@ -123,8 +123,9 @@ class TrainConfig:
         reduce_lr_factor, reduce_lr_patience, min_learning_rate: ReduceLROnPlateau on val F1.
         reduce_lr_min_delta, reduce_lr_cooldown: its ``min_delta`` (an F1 gain smaller than this
             counts as no gain) and ``cooldown`` (epochs after a cut before it counts again).
-        warmup_epochs: the learning rate rises linearly from ``learning_rate / (steps + 1)`` over
-            this many epochs (per batch) before ReduceLROnPlateau may act (0: no warm-up).
+        warmup_epochs: the learning rate rises linearly, batch by batch, from
+            ``learning_rate / warm-up steps`` to ``learning_rate`` over this many epochs before
+            ReduceLROnPlateau may act (0: no warm-up).
         early_stopping_patience: epochs without val F1 gain before stopping (0: never stop).
         steps_per_epoch: cap on batches per epoch (None: the whole split).
         seed: seeds Python, NumPy, Keras, shuffling and augmentation.
