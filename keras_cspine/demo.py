@@ -262,6 +262,7 @@ def train_stage1_step(prepared: Path, run_dir: Path, settings: DemoSettings) -> 
         "run_dir": str(run_dir), "model": config.model.name,
         "epochs_run": summary["epochs_run"], "best_val_f1_score": summary["best_val_f1_score"],
         "split": evaluation.get("split"), "metrics": evaluation.get("metrics", {}),
+        "metrics_sequence_model": evaluation.get("metrics_sequence_model"),
         "parameters": summary.get("parameters"),
     }  # fmt: skip
 
@@ -371,6 +372,10 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"macro F1 {_fmt(m.get('macro_f1'))}, EMR {_fmt(m.get('exact_match_ratio'))}, "
                      f"coverage error {_fmt(m.get('coverage_error'))} (Table 1; run "
                      f"{s1['run_dir']})")  # fmt: skip
+        seq = s1.get("metrics_sequence_model")
+        if seq:
+            lines.append(f"               + sequence model: macro F1 {_fmt(seq.get('macro_f1'))}, "
+                         f"EMR {_fmt(seq.get('exact_match_ratio'))}")  # fmt: skip
     s2 = results.get("detect_train")
     if s2:
         lines.append(f"stage 2      : {s2.get('model')}; P {_fmt(s2.get('precision'))}, R "

@@ -8,13 +8,16 @@ predictions of the run's best model (``model.keras``) on a held-out split of stu
 Files written into the run directory (atomically):
 
 - ``metrics.json``: the Table 1 figures, parameter counts, split and sizes;
-- ``table1_row.csv`` / ``table1_row.md``: the run's Table 1 row beside the paper's numbers, and a
-  second row, beyond the paper, after the study-level decoding of
-  :mod:`keras_cspine.level_decoding` (same predictions, decoded study by study);
-- ``table2.csv`` / ``table2.md``: the per-class report;
-- ``predictions.csv``: study, slice, true labels, scores (``p_C1``...) and decoded scores
-  (``decoded_C1``...) for every evaluated slice;
-- ``figures/loss_curves.png``: Figure 6 (loss and macro F1 per epoch, train and validation).
+- ``table1_row.csv`` / ``table1_row.md``: the run's Table 1 row beside the paper's numbers, and,
+  beyond the paper, a row after the study-level decoding of :mod:`keras_cspine.level_decoding`
+  (same predictions, decoded study by study) and, when the run has one, a row of its study
+  sequence model (:mod:`keras_cspine.sequence_model`, on the same classifier's slice features);
+- ``table2.csv`` / ``table2.md``: the per-class report (of the per-slice predictions);
+- ``predictions.csv``: study, slice, true labels, scores (``p_C1``...), decoded scores
+  (``decoded_C1``...) and the sequence model's scores (``sequence_C1``...) for every slice;
+- ``figures/loss_curves.png``: Figure 6 (loss and macro F1 per epoch, train and validation);
+- ``figures/study_levels.png``: C1..C7 slice by slice along the studies the per-slice model gets
+  most wrong: truth, per slice, level-decoded, sequence model.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ import pandas as pd
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import VERTEBRAE
 from keras_cspine.metrics import classification_report_frame, multilabel_metrics
+from keras_cspine.sequence_model import (
+    SEQUENCE_MODEL_FILE,
+    apply_sequence_model,
+    load_sequence_model,
+    slice_features,
+)
 from keras_cspine.utils import atomic_path, atomic_write, write_json
 
 #: Table 1 of the paper: row -> (macro F1, exact match ratio, coverage error).
@@ -105,6 +114,53 @@ def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.Path
     return path
 
 
+def plot_study_levels(predictions: pd.DataFrame, path: str | os.PathLike,
+                      n_studies: int = 3) -> Path:  # fmt: skip
+    """C1..C7 along whole studies, slice by slice (head left, feet right): the truth, then each
+    set of scores in ``predictions`` (``p_``: per slice, ``decoded_``: level decoding,
+    ``sequence_``: the sequence model), for the ``n_studies`` studies whose per-slice exact
+    match is lowest; atomic PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [(prefix, title) for prefix, title in (
+        ("", "truth"), ("p_", "per slice (paper)"), ("decoded_", "level decoding"),
+        ("sequence_", "sequence model")) if f"{prefix}C1" in predictions.columns]  # fmt: skip
+    if predictions.empty or len(kinds) < 2:
+        raise ValueError("predictions need rows, the labels C1..C7 and at least one score set")
+    truth = predictions[list(VERTEBRAE)].to_numpy() > 0.5
+    scores = predictions[[f"p_{v}" for v in VERTEBRAE]].to_numpy() >= 0.5
+    exact = pd.Series((truth == scores).all(axis=1), index=predictions.index)
+    worst = exact.groupby(predictions["StudyInstanceUID"]).mean().sort_values(kind="stable")
+    uids = list(worst.index[:n_studies])
+    fig, axes = plt.subplots(len(uids), len(kinds), figsize=(3.2 * len(kinds), 1.5 * len(uids)),
+                             squeeze=False)  # fmt: skip
+    for r, uid in enumerate(uids):
+        study = predictions[predictions["StudyInstanceUID"] == uid].sort_values("series_index")
+        for c, (prefix, title) in enumerate(kinds):
+            values = study[[f"{prefix}{v}" for v in VERTEBRAE]].to_numpy(dtype=float).T
+            ax = axes[r, c]
+            ax.imshow(values, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")  # fmt: skip
+            ax.set_yticks(range(len(VERTEBRAE)), VERTEBRAE, fontsize=6)
+            ax.set_xticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_xlabel(f"...{uid[-6:]}: {len(study)} slices, head -> feet", fontsize=7)
+            elif prefix:
+                match = ((values.T >= 0.5) == (study[list(VERTEBRAE)].to_numpy() > 0.5)).all(1)
+                ax.set_xlabel(f"exact match {match.mean():.2f}", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
 def table1_row(
     row: str | None, model_name: str, metrics: Mapping[str, float], parameters: Mapping[str, int],
     **extra: Any,
@@ -145,14 +201,7 @@ def write_table(frame: pd.DataFrame, stem: str | os.PathLike, index: bool = Fals
 
 def predict_sequence(model, sequence) -> tuple[np.ndarray, np.ndarray]:
     """``(y_true, y_score)`` of a non-shuffled CSpineSequence, in its frame order."""
-    if sequence.shuffle or sequence.balance or sequence.augment is not None:
-        raise ValueError("evaluate on a sequence without shuffle, balance or augmentation")
-    from keras_cspine.data import KeepFreedMemory
-
-    scores = np.asarray(model.predict(sequence, verbose=0, callbacks=[KeepFreedMemory()]),
-                        dtype=np.float64)  # fmt: skip
-    if scores.shape != sequence.labels.shape:
-        raise ValueError(f"model gave {scores.shape} scores for {sequence.labels.shape} labels")
+    _, scores = slice_features(model, sequence)
     return sequence.labels.astype(np.int64), scores
 
 
@@ -183,7 +232,8 @@ def evaluate_run(
 
     Returns:
         ``{"split", "metrics", "metrics_level_decoded", "parameters", "table1_row",
-        "table1_row_level_decoded", "table2", "files"}``.
+        "table1_row_level_decoded", "metrics_sequence_model", "table1_row_sequence_model",
+        "table2", "files"}`` (the two sequence model entries None for runs without one).
     """
     import keras
 
@@ -211,7 +261,8 @@ def evaluate_run(
         inputs=get_spec(config.model.name).inputs, metadata_columns=config.data.metadata_columns,
         image_size=config.data.image_size,
     )  # fmt: skip
-    y_true, y_score = predict_sequence(model, sequence)
+    features, y_score = slice_features(model, sequence)
+    y_true = sequence.labels.astype(np.int64)
     metrics = multilabel_metrics(y_true, y_score)
     parameters = count_parameters(model)
     report = classification_report_frame(y_true, y_score, VERTEBRAE)
@@ -221,6 +272,13 @@ def evaluate_run(
                                        frame["series_index"].to_numpy(),
                                        frame["position_mm"].to_numpy())  # fmt: skip
     metrics_decoded = multilabel_metrics(y_true, y_decoded)
+    y_sequence = metrics_sequence = None
+    if (run_dir / SEQUENCE_MODEL_FILE).is_file():
+        sequence_model = load_sequence_model(run_dir / SEQUENCE_MODEL_FILE)
+        y_sequence = apply_sequence_model(sequence_model, features,
+                                          frame["StudyInstanceUID"].to_numpy(),
+                                          frame["series_index"].to_numpy())  # fmt: skip
+        metrics_sequence = multilabel_metrics(y_true, y_sequence)
 
     files = {}
     extra = {
@@ -230,7 +288,13 @@ def evaluate_run(
     row = table1_row(config.paper_row, config.model.name, metrics, parameters, **extra)
     row_decoded = table1_row(None, config.model.name, metrics_decoded, parameters, **extra)
     row_decoded["row"] = f"{row['row']} + level decoding"
-    write_table(table1_frame([row, row_decoded]), run_dir / "table1_row")
+    rows = [row, row_decoded]
+    row_sequence = None
+    if metrics_sequence is not None:
+        row_sequence = table1_row(None, config.model.name, metrics_sequence, parameters, **extra)
+        row_sequence["row"] = f"{row['row']} + sequence model"
+        rows.append(row_sequence)
+    write_table(table1_frame(rows), run_dir / "table1_row")
     files["table1_row"] = str(run_dir / "table1_row.csv")
     write_table(report, run_dir / "table2", index=True)
     files["table2"] = str(run_dir / "table2.csv")
@@ -242,9 +306,14 @@ def evaluate_run(
         predictions[f"p_{name}"] = np.round(y_score[:, k], 6)
     for k, name in enumerate(VERTEBRAE):
         predictions[f"decoded_{name}"] = np.round(y_decoded[:, k], 6)
+    if y_sequence is not None:
+        for k, name in enumerate(VERTEBRAE):
+            predictions[f"sequence_{name}"] = np.round(y_sequence[:, k], 6)
     with atomic_write(run_dir / "predictions.csv", newline="") as handle:
         predictions.to_csv(handle, index=False)
     files["predictions"] = str(run_dir / "predictions.csv")
+    files["study_levels"] = str(plot_study_levels(predictions,
+                                                  run_dir / "figures" / "study_levels.png"))
 
     history = history_from_log(run_dir / "training_log.csv")
     if history.get("loss"):
@@ -260,6 +329,8 @@ def evaluate_run(
         "parameters": parameters,
         "table1_row": row,
         "table1_row_level_decoded": row_decoded,
+        "metrics_sequence_model": metrics_sequence,
+        "table1_row_sequence_model": row_sequence,
         "table2": json.loads(report.to_json(orient="index")),
         "files": files,
     }

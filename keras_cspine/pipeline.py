@@ -10,9 +10,11 @@ This module joins them into study-level findings:
 
 - a study folder is read in series order (superior -> inferior) by :mod:`keras_cspine.io.dicom`;
 - stage 1 runs on every slice (:class:`Stage1Model`, the ``.keras`` of a training run, with the
-  run's preprocessing mode, image size and metadata features); beyond the paper, its per-slice
-  probabilities are then decoded along the study by the run's level decoder
-  (:mod:`keras_cspine.level_decoding`: the vertebrae follow each other down the spine);
+  run's preprocessing mode, image size and metadata features); beyond the paper, the study is
+  then read as one sequence by the run's sequence model (:mod:`keras_cspine.sequence_model`, a
+  bidirectional GRU over the slice features) or, for runs without one, its per-slice
+  probabilities are decoded by the run's level decoder (:mod:`keras_cspine.level_decoding`: the
+  vertebrae follow each other down the spine);
 - **gating**: stage 2 (:class:`Stage2Model`, the ONNX export run by onnxruntime, so that no torch
   enters the TensorFlow process) runs only on slices where stage 1 sees a cervical vertebra
   (``max_k p_k >= presence_threshold``); ``gating=False`` runs it on every slice;
@@ -107,8 +109,12 @@ class PredictConfig:
 
     Args:
         gating: run stage 2 only on slices where stage 1 sees a cervical vertebra.
+        sequence_model: read stage 1 along the study with the run's sequence model
+            (:mod:`keras_cspine.sequence_model`) when it has one; it takes precedence over
+            ``level_decoding``.
         level_decoding: decode stage 1's per-slice probabilities study by study
-            (:mod:`keras_cspine.level_decoding`) when the stage 1 run has a decoder.
+            (:mod:`keras_cspine.level_decoding`) when the stage 1 run has a decoder (and no
+            sequence model is used).
         presence_threshold: a vertebra is present on a slice when its probability reaches this;
             used by the gate and by the assignment of boxes.
         box_conf: minimum confidence of a stage 2 box (Ultralytics' predict default 0.25).
@@ -124,6 +130,7 @@ class PredictConfig:
     """
 
     gating: bool = True
+    sequence_model: bool = True
     level_decoding: bool = True
     presence_threshold: float = 0.5
     box_conf: float = 0.25
@@ -274,7 +281,8 @@ class Stage1Model:
 
     def __init__(self, model, mode: str = "bone", render_size: int | None = None,
                  metadata_columns: Sequence[str] = ("position_mm", "slice_ratio"),
-                 source: str = "<in memory>", level_decoder=None):  # fmt: skip
+                 source: str = "<in memory>", level_decoder=None,
+                 sequence_model=None):  # fmt: skip
         from keras_cspine.preprocess import MODES, WINDOW_MODES
 
         if mode not in (*MODES, *WINDOW_MODES):
@@ -296,6 +304,17 @@ class Stage1Model:
             )
         self.source = source
         self.level_decoder = level_decoder
+        self.sequence_model = sequence_model
+        self._feature_model = None
+        if sequence_model is not None:
+            from keras_cspine.sequence_model import feature_model
+
+            self._feature_model = feature_model(model)
+            got = int(self._feature_model.outputs[0].shape[-1])
+            wants = int(sequence_model.input["features"].shape[-1])
+            if got != wants:
+                raise ValueError(f"the sequence model reads {wants} slice features, but stage 1 "
+                                 f"model {source} gives {got}")  # fmt: skip
 
     @classmethod
     def load(cls, path: str | os.PathLike, mode: str | None = None,
@@ -304,13 +323,15 @@ class Stage1Model:
 
         The preprocessing comes from the run (its ``config.yaml`` and the ``prepare.json`` of
         its data); ``mode`` / ``render_size`` override it (default ``bone`` at the model size).
-        The run's ``level_decoder.json`` (written by ``train``), when present beside the model,
-        is loaded as :attr:`level_decoder`.
+        The run's ``level_decoder.json`` and ``sequence_model.keras`` (written by ``train``),
+        when present beside the model, are loaded as :attr:`level_decoder` and
+        :attr:`sequence_model`.
         """
         import keras
 
         import keras_cspine.models.baselines  # noqa: F401 - registers the backbones for loading
         from keras_cspine.level_decoding import LEVEL_DECODER_FILE, LevelDecoder
+        from keras_cspine.sequence_model import SEQUENCE_MODEL_FILE, load_sequence_model
 
         path = Path(path)
         model_path = path / "model.keras" if path.is_dir() else path
@@ -323,12 +344,15 @@ class Stage1Model:
         except (ValueError, OSError, TypeError) as err:
             raise CSpineDataError(model_path, f"not a loadable Keras model: {err}") from err
         decoder_path = model_path.parent / LEVEL_DECODER_FILE
+        sequence_path = model_path.parent / SEQUENCE_MODEL_FILE
         return cls(
             model, mode=mode or settings.get("mode", "bone"),
             render_size=render_size or settings.get("render_size"),
             metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
             source=str(model_path),
             level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
+            sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
+                            else None),
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
@@ -338,6 +362,7 @@ class Stage1Model:
             "render_size": self.render_size, "image_size": self.image_size,
             "metadata_columns": list(self.metadata_columns),
             "level_decoder": self.level_decoder is not None,
+            "sequence_model": self.sequence_model is not None,
         }  # fmt: skip
 
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
@@ -370,11 +395,18 @@ class Stage1Model:
         return out
 
     def predict(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
-                batch_size: int = 32) -> np.ndarray:  # fmt: skip
-        """``(Z, 7)`` presence probabilities of C1..C7 for a HU volume in series order."""
+                batch_size: int = 32, return_features: bool = False):  # fmt: skip
+        """``(Z, 7)`` per-slice presence probabilities of C1..C7 for a HU volume in series order;
+        with ``return_features`` also the ``(Z, F)`` slice features of
+        :func:`keras_cspine.sequence_model.feature_model`."""
         n = len(positions_mm)
         metadata = self.metadata(np.asarray(positions_mm, np.float64), z_mm)
+        if return_features and self._feature_model is None:
+            from keras_cspine.sequence_model import feature_model
+
+            self._feature_model = feature_model(self.model)
         out = np.empty((n, len(VERTEBRAE)), np.float32)
+        features = None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             batch: dict[str, np.ndarray] = {}
@@ -386,11 +418,38 @@ class Stage1Model:
                 pad = batch_size - (stop - start)
                 batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
                          for k, v in batch.items()}  # fmt: skip
-            scores = np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
-            out[start:stop] = scores[: stop - start]
+            if return_features:
+                feats, scores = self._feature_model.predict_on_batch(batch)
+                if features is None:
+                    features = np.empty((n, feats.shape[-1]), np.float32)
+                features[start:stop] = np.asarray(feats)[: stop - start]
+            else:
+                scores = self.model.predict_on_batch(batch)
+            out[start:stop] = np.asarray(scores, dtype=np.float32)[: stop - start]
         if not np.isfinite(out).all():
             raise ValueError(f"stage 1 model {self.source} gave non-finite scores")
-        return out
+        return (out, features) if return_features else out
+
+    def study_probabilities(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
+                            batch_size: int = 32, sequence_model: bool = True,
+                            level_decoding: bool = True) -> np.ndarray:  # fmt: skip
+        """``(Z, 7)`` probabilities of C1..C7 for a study in series order, read along the study:
+        by the run's sequence model when it has one (and ``sequence_model``), else by its level
+        decoder (when ``level_decoding``), else the per-slice probabilities (the paper)."""
+        positions_mm = np.asarray(positions_mm, np.float64)
+        if sequence_model and self.sequence_model is not None:
+            from keras_cspine.sequence_model import apply_sequence_model
+
+            _, features = self.predict(hu, positions_mm, z_mm, batch_size, return_features=True)
+            n = len(positions_mm)
+            return apply_sequence_model(self.sequence_model, features, np.zeros(n), np.arange(n))
+        probabilities = self.predict(hu, positions_mm, z_mm, batch_size)
+        if level_decoding and self.level_decoder is not None:
+            from keras_cspine.level_decoding import slice_spacing
+
+            probabilities = self.level_decoder.decode(
+                probabilities, slice_spacing(positions_mm)).astype(np.float32)  # fmt: skip
+        return probabilities
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,12 +758,10 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
 
     started = time.perf_counter()
     z_mm = np.array([s.image_position[2] for s in meta.slices], dtype=np.float64)
-    probabilities = stage1.predict(hu, positions, z_mm, batch_size=config.batch_size)
-    if config.level_decoding and stage1.level_decoder is not None:
-        from keras_cspine.level_decoding import slice_spacing
-
-        probabilities = stage1.level_decoder.decode(
-            probabilities, slice_spacing(positions)).astype(np.float32)
+    probabilities = stage1.study_probabilities(
+        hu, positions, z_mm, batch_size=config.batch_size, sequence_model=config.sequence_model,
+        level_decoding=config.level_decoding,
+    )  # fmt: skip
     gated = gate_slices(probabilities, config.presence_threshold, config.gating)
     timings["stage1"] = time.perf_counter() - started
 
@@ -1010,8 +1067,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE", help="override a setting (repeatable)")  # fmt: skip
     parser.add_argument("--no-gating", action="store_true",
                         help="run stage 2 on every slice, not only where stage 1 sees C1-C7")  # fmt: skip
+    parser.add_argument("--no-sequence-model", action="store_true",
+                        help="do not use the stage 1 run's sequence model (then its level "
+                        "decoder, if any, reads the study)")  # fmt: skip
     parser.add_argument("--no-level-decoding", action="store_true",
-                        help="use stage 1's per-slice probabilities as they are (the paper)")  # fmt: skip
+                        help="do not use the stage 1 run's level decoder; with "
+                        "--no-sequence-model: the per-slice probabilities (the paper)")  # fmt: skip
     parser.add_argument("--report", choices=["html", "markdown", "none"],
                         help="per-study report format (default html)")  # fmt: skip
     parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
@@ -1019,19 +1080,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``predict`` from parsed arguments; 0 when every study was read, 1 otherwise."""
+def config_from_args(args: argparse.Namespace) -> PredictConfig:
+    """The :class:`PredictConfig` of parsed ``predict`` arguments: ``--config`` and ``--set``,
+    then the switches (``--no-gating``, ``--no-sequence-model``...)."""
     from keras_cspine.config import load_config
 
     config = load_config(PredictConfig, args.config, args.overrides)
     changes: dict[str, Any] = {}
     if args.no_gating:
         changes["gating"] = False
+    if args.no_sequence_model:
+        changes["sequence_model"] = False
     if args.no_level_decoding:
         changes["level_decoding"] = False
     if args.report:
         changes["report"] = args.report
-    config = dataclasses.replace(config, **changes) if changes else config
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``predict`` from parsed arguments; 0 when every study was read, 1 otherwise."""
+    config = config_from_args(args)
     summary = predict(args.input, args.out, stage1=args.stage1, stage2=args.stage2,
                       runs=args.runs, config=config, labels=args.labels, limit=args.limit,
                       progress=not args.quiet)  # fmt: skip

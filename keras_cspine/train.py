@@ -19,6 +19,9 @@ The run directory (``--run-dir``, default ``runs/<config name>``) holds:
 - ``level_decoder.json``: the study-level decoder of :mod:`keras_cspine.level_decoding`, fitted on
   the training split's label sequences (used by ``evaluate`` and ``predict``);
 - ``model.keras``: the best model by ``val_f1_score`` (written atomically);
+- ``sequence_model.keras`` (``sequence.enabled``, beyond the paper): the study sequence model of
+  :mod:`keras_cspine.sequence_model`, a bidirectional GRU trained after the classifier on the best
+  model's slice features of the training split (used by ``evaluate`` and ``predict``);
 - ``training_log.csv`` (CSVLogger, appended across resumes) and ``history.json``;
 - ``backup/``: the BackupAndRestore state while training runs: rerunning the same command after a
   kill resumes at the next epoch (the checkpoint's best score is restored from the log;
@@ -49,6 +52,7 @@ from typing import Any
 from keras_cspine.config import dump_config, load_config, save_config
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.level_decoding import LEVEL_DECODER_FILE, fit_from_prepared
+from keras_cspine.sequence_model import SEQUENCE_MODEL_FILE, SequenceConfig
 from keras_cspine.utils import seed_everything, write_json
 
 DEFAULT_CONFIG = "stage1_synthetic_small"
@@ -184,6 +188,7 @@ class Stage1Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
 
 def load_stage1_config(
@@ -230,8 +235,13 @@ def resolve_prepared(
     return out
 
 
-def make_sequences(config: Stage1Config, prepared: str | os.PathLike, splits: dict[str, list[str]]):
-    """``{"train", "val", "test"}`` CSpineSequences (empty splits left out) for ``config``."""
+def make_sequences(config: Stage1Config, prepared: str | os.PathLike, splits: dict[str, list[str]],
+                   plain: bool = False):
+    """``{"train", "val", "test"}`` CSpineSequences (empty splits left out) for ``config``.
+
+    The training sequence shuffles, augments and balances as configured, unless ``plain``
+    (then it reads its slices in order, as the others do: for prediction).
+    """
     from keras_cspine.data import Augmenter, CSpineSequence
     from keras_cspine.models.baselines import get_spec
 
@@ -251,12 +261,15 @@ def make_sequences(config: Stage1Config, prepared: str | os.PathLike, splits: di
         "workers": config.data.workers,
         "use_multiprocessing": config.data.use_multiprocessing,
     }
-    out = {
-        "train": CSpineSequence(
-            prepared, splits["train"], shuffle=True, seed=config.train.seed, augment=augmenter,
-            balance=config.data.balance, **common,
-        )  # fmt: skip
-    }
+    if plain:
+        out = {"train": CSpineSequence(prepared, splits["train"], **common)}
+    else:
+        out = {
+            "train": CSpineSequence(
+                prepared, splits["train"], shuffle=True, seed=config.train.seed, augment=augmenter,
+                balance=config.data.balance, **common,
+            )  # fmt: skip
+        }
     for name in ("val", "test"):
         if splits.get(name):
             out[name] = CSpineSequence(prepared, splits[name], **common)
@@ -388,6 +401,11 @@ def _nanmax(values: Sequence[float]) -> float:
     return max(finite) if finite else math.nan
 
 
+def _nanmin(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return min(finite) if finite else math.nan
+
+
 def history_from_log(log_path: str | os.PathLike) -> dict[str, list[float]]:
     """The whole training history (all resumes) from the CSVLogger file, one list per key.
 
@@ -495,13 +513,15 @@ def train_stage1(
                 f"{run_dir}: holds a finished run (summary.json); choose another --run-dir or "
                 f"pass --overwrite"
             )
-        for name in ("summary.json", "training_log.csv", "history.json", "model.keras"):
+        for name in ("summary.json", "training_log.csv", "history.json", "model.keras",
+                     SEQUENCE_MODEL_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
     resuming = backup_dir.exists()
     if not resuming:
-        with contextlib.suppress(FileNotFoundError):
-            log_path.unlink()  # a log without a backup belongs to a run that cannot resume
+        for stale in (log_path, run_dir / SEQUENCE_MODEL_FILE):  # from a run that cannot resume
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = resolve_prepared(data, config, prepared_dir)
@@ -572,6 +592,10 @@ def train_stage1(
         "parameters": count_parameters(model),
         "config": dump_config(config),
     }
+    if config.sequence.enabled:
+        summary["sequence_model"] = train_sequence_model(
+            config, prepared, splits, run_dir, verbose=0 if verbose == 0 else 2
+        )
     if config.train.evaluate:
         from keras_cspine.evaluate import evaluate_run
 
@@ -579,6 +603,33 @@ def train_stage1(
         summary["evaluation"] = evaluate_run(run_dir, split=split)
     write_json(summary_path, summary)
     return summary
+
+
+def train_sequence_model(config: Stage1Config, prepared: str | os.PathLike,
+                         splits: dict[str, list[str]], run_dir: str | os.PathLike,
+                         verbose: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Fit the run's study sequence model (:mod:`keras_cspine.sequence_model`) on the best
+    classifier's (``model.keras``) features of the training split, with early stopping on the
+    validation split, and save it atomically as ``sequence_model.keras``; returns a summary."""
+    keras = _keras()
+    from keras_cspine.sequence_model import fit_sequence_model, study_batch
+    from keras_cspine.utils import atomic_path
+
+    started = time.time()
+    run_dir = Path(run_dir)
+    classifier = keras.saving.load_model(run_dir / "model.keras")
+    sequences = make_sequences(config, prepared, splits, plain=True)
+    train_batch, _ = study_batch(classifier, sequences["train"])
+    val_batch, _ = study_batch(classifier, sequences["val"])
+    model, history = fit_sequence_model(train_batch, val_batch, config.sequence,
+                                        seed=config.train.seed, verbose=verbose)  # fmt: skip
+    with atomic_path(run_dir / SEQUENCE_MODEL_FILE) as tmp:
+        model.save(tmp)
+    return {
+        "epochs_run": len(history["loss"]),
+        "best_val_loss": _nanmin(history.get("val_loss", [])),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,10 +669,12 @@ def run(args: argparse.Namespace) -> int:
             f"; {summary['evaluation']['split']} macro F1 {ev['macro_f1']:.4f}, "
             f"EMR {ev['exact_match_ratio']:.4f}, coverage {ev['coverage_error']:.3f}"
         )
-        decoded = summary["evaluation"].get("metrics_level_decoded")
-        if decoded:
-            line += (f" (level-decoded: macro F1 {decoded['macro_f1']:.4f}, "
-                     f"EMR {decoded['exact_match_ratio']:.4f})")  # fmt: skip
+        for key, what in (("metrics_level_decoded", "level-decoded"),
+                          ("metrics_sequence_model", "sequence model")):
+            extra = summary["evaluation"].get(key)
+            if extra:
+                line += (f" ({what}: macro F1 {extra['macro_f1']:.4f}, "
+                         f"EMR {extra['exact_match_ratio']:.4f})")  # fmt: skip
     print(f"{line}; run directory {run_dir}")
     return 0
 

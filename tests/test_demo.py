@@ -74,7 +74,8 @@ def test_summary_text_names_outputs_and_metrics():
         "results": {
             "stage1": {"model": "gcvit_xxtiny", "epochs_run": 2, "split": "test", "run_dir": "/r/s1",
                        "metrics": {"macro_f1": 0.5, "exact_match_ratio": 0.25,
-                                   "coverage_error": 2.0}},
+                                   "coverage_error": 2.0},
+                       "metrics_sequence_model": {"macro_f1": 0.75, "exact_match_ratio": 0.625}},
             "predict": {"n_ok": 3, "n_studies": 3, "n_gated": 10, "n_slices": 20,
                         "gated_fraction": 0.5, "seconds_per_study": 1.0,
                         "files": {"submission": "/r/p/submission.csv", "index": "/r/p/index.html"},
@@ -84,6 +85,7 @@ def test_summary_text_names_outputs_and_metrics():
     }  # fmt: skip
     text = summary_text(summary)
     assert "macro F1 0.500" in text and "EMR 0.250" in text
+    assert "+ sequence model: macro F1 0.750, EMR 0.625" in text
     assert "RSNA weighted log loss 0.6123" in text and "patient AUC 0.750" in text
     assert "mean vertebra AUC n/a" in text
     assert "/r/p/index.html" in text and "/r/p/submission.csv" in text

@@ -3,6 +3,7 @@
 import json
 import math
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory):
         "stage1_synthetic_small",
         ["model.name=metadata_only", "train.epochs=2", "train.batch_size=8",
          "train.learning_rate=0.01", "data.val_fraction=0.25", "data.test_fraction=0.25",
-         "train.evaluate=false", "paper_row=ResNet152V2"],
+         "train.evaluate=false", "paper_row=ResNet152V2", "sequence.epochs=5"],
     )  # fmt: skip
     train_stage1(config, prepared, root / "run", verbose=0)
     return root / "run"
@@ -46,8 +47,8 @@ def test_evaluate_run_tables_agree_with_predictions(run_dir):
     table2 = pd.read_csv(run_dir / "table2.csv", index_col=0)
     assert list(table2.index[:7]) == VERTEBRAE
     assert table2.loc["C1", "support"] == y_true[:, 0].sum()
-    png = (run_dir / "figures" / "loss_curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("loss_curves.png", "study_levels.png"):
+        assert (run_dir / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored["metrics"]["macro_f1"] == pytest.approx(result["metrics"]["macro_f1"])
 
@@ -71,11 +72,41 @@ def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
     np.testing.assert_allclose(preds[[f"decoded_{v}" for v in VERTEBRAE]], decoded, atol=2e-6)
     again = multilabel_metrics(preds[VERTEBRAE].to_numpy(), decoded)
     rows = pd.read_csv(run_dir / "table1_row.csv")
-    assert list(rows["row"]) == ["ResNet152V2", "ResNet152V2 + level decoding"]
+    assert list(rows["row"])[:2] == ["ResNet152V2", "ResNet152V2 + level decoding"]
     assert math.isnan(rows["paper_macro_f1"].iloc[1])
     for key in ("macro_f1", "exact_match_ratio", "coverage_error"):
         assert rows[key].iloc[1] == pytest.approx(again[key], abs=1e-4)
         assert result["metrics_level_decoded"][key] == pytest.approx(again[key], abs=1e-4)
+
+
+def test_sequence_model_row_is_the_run_sequence_model_on_the_same_features(run_dir):
+    from keras_cspine.data import CSpineSequence
+    from keras_cspine.sequence_model import (
+        apply_sequence_model,
+        load_sequence_model,
+        slice_features,
+    )
+
+    result = E.evaluate_run(run_dir, split="test")
+    splits = json.loads((run_dir / "splits.json").read_text())
+    classifier = keras.saving.load_model(run_dir / "model.keras")
+    sequence = CSpineSequence(splits["prepared"], splits["test"], batch_size=8,
+                              inputs="metadata")  # the fixture's model: metadata_only
+    features, scores = slice_features(classifier, sequence)
+    expected = apply_sequence_model(load_sequence_model(run_dir / "sequence_model.keras"),
+                                    features, sequence.frame["StudyInstanceUID"],
+                                    sequence.frame["series_index"])  # fmt: skip
+    preds = pd.read_csv(run_dir / "predictions.csv")
+    assert list(preds.StudyInstanceUID) == list(sequence.frame.StudyInstanceUID)
+    np.testing.assert_allclose(preds[[f"p_{v}" for v in VERTEBRAE]], scores, atol=2e-6)
+    np.testing.assert_allclose(preds[[f"sequence_{v}" for v in VERTEBRAE]], expected, atol=2e-6)
+    again = multilabel_metrics(preds[VERTEBRAE].to_numpy(), expected)
+    rows = pd.read_csv(run_dir / "table1_row.csv")
+    assert list(rows["row"]) == ["ResNet152V2", "ResNet152V2 + level decoding",
+                                 "ResNet152V2 + sequence model"]  # fmt: skip
+    for key in ("macro_f1", "exact_match_ratio", "coverage_error"):
+        assert rows[key].iloc[2] == pytest.approx(again[key], abs=1e-4)
+        assert result["metrics_sequence_model"][key] == pytest.approx(again[key], abs=1e-4)
 
 
 def test_cli_prints_tables(run_dir, capsys):
@@ -113,6 +144,33 @@ def test_loss_curves_written_atomically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["loss.png"]
     with pytest.raises(ValueError, match="loss"):
         E.plot_loss_curves({}, tmp_path / "x.png")
+
+
+def test_study_levels_figure_shows_the_worst_studies(tmp_path):
+    rows = []
+    for uid, wrong in (("good", 0), ("bad", 3), ("worse", 5)):
+        for i in range(6):
+            truth = np.eye(7, dtype=int)[i]
+            score = truth if i >= wrong else np.roll(truth, 1)
+            rows.append({"StudyInstanceUID": uid, "series_index": i,
+                         **{v: truth[k] for k, v in enumerate(VERTEBRAE)},
+                         **{f"p_{v}": float(score[k]) for k, v in enumerate(VERTEBRAE)}})  # fmt: skip
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # any row order
+    import matplotlib.pyplot as plt
+
+    shown = []
+    original = plt.Axes.set_xlabel
+    plt.Axes.set_xlabel = lambda ax, text, **kw: shown.append(text) or original(ax, text, **kw)
+    try:
+        path = E.plot_study_levels(frame, tmp_path / "levels.png", n_studies=2)
+    finally:
+        plt.Axes.set_xlabel = original
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert shown == ["...worse: 6 slices, head -> feet", "exact match 0.17",
+                     "...bad: 6 slices, head -> feet", "exact match 0.50"]  # fmt: skip
+    with pytest.raises(ValueError, match="score set"):
+        E.plot_study_levels(frame[["StudyInstanceUID", "series_index", *VERTEBRAE]],
+                            tmp_path / "x.png")  # fmt: skip
 
 
 def test_predict_sequence_refuses_shuffled_data(tmp_path):

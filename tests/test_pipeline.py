@@ -135,6 +135,21 @@ def test_predict_config_rejects_bad_values(changes, fragment):
         PredictConfig(**changes)
 
 
+def test_switches_of_the_command_line():
+    import argparse
+
+    from keras_cspine.pipeline import config_from_args, configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert config_from_args(parser.parse_args(["in", "--out", "o"])) == PredictConfig()
+    args = parser.parse_args(["in", "--out", "o", "--no-sequence-model", "--no-level-decoding",
+                              "--no-gating", "--report", "none", "--set", "box_conf=0.5"])  # fmt: skip
+    assert config_from_args(args) == PredictConfig(
+        sequence_model=False, level_decoding=False, gating=False, report="none", box_conf=0.5
+    )
+
+
 def test_predict_config_prior_and_digest():
     config = PredictConfig(vertebra_floor=0.03, patient_floor=0.2)
     assert config.prior() == {**dict.fromkeys(VERTEBRAE, 0.03), "patient_overall": 0.2}
@@ -364,6 +379,47 @@ def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_d
     spacing = slice_spacing(raw.positions_mm)
     np.testing.assert_allclose(decoded.probabilities, decoder.decode(raw.probabilities, spacing),
                                atol=1e-5)  # fmt: skip
+
+
+def test_sequence_model_reads_the_study_before_the_level_decoder(models, synthetic_data,
+                                                                 tmp_path):  # fmt: skip
+    from keras_cspine.level_decoding import LevelDecoder
+    from keras_cspine.pipeline import Stage1Model, predict_study
+    from keras_cspine.sequence_model import (
+        SequenceConfig,
+        apply_sequence_model,
+        build_sequence_model,
+    )
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(models[0], run_dir / "model.keras")
+    spine = np.repeat(np.eye(7, dtype=np.int8), 2, axis=0)
+    LevelDecoder.fit([spine]).save(run_dir / "level_decoder.json")
+    keras_model = build_sequence_model(7, SequenceConfig(projection=8, units=8))  # 7 logits in
+    keras_model.save(run_dir / "sequence_model.keras")
+    stage1 = Stage1Model.load(run_dir, mode="bone", render_size=32)
+    assert stage1.describe()["sequence_model"] is True
+    uid = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[0]
+    folder = synthetic_data / "train_images" / uid
+    plain = PredictConfig(sequence_model=False, level_decoding=False, report="none")
+    raw = predict_study(folder, stage1, None, plain)
+    read = predict_study(folder, stage1, None, PredictConfig(report="none"))
+    # the sequence model's input: the ratio classifier's logits (the input of its sigmoid)
+    logits = np.log(raw.probabilities) - np.log1p(-raw.probabilities)
+    n = len(logits)
+    expected = apply_sequence_model(keras_model, logits, np.zeros(n), np.arange(n))
+    np.testing.assert_allclose(read.probabilities, expected, atol=1e-4)
+    decoded = predict_study(folder, stage1, None, PredictConfig(sequence_model=False,
+                                                                report="none"))  # fmt: skip
+    from keras_cspine.level_decoding import slice_spacing
+
+    np.testing.assert_allclose(
+        decoded.probabilities,
+        stage1.level_decoder.decode(raw.probabilities, slice_spacing(raw.positions_mm)), atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="reads 5 slice features"):
+        Stage1Model(stage1.model, sequence_model=build_sequence_model(5))
 
 
 def test_sagittal_projection_follows_the_spine():

@@ -22,7 +22,7 @@ from keras_cspine.train import (
 TINY_VIT = ("model.options={backbone_kwargs: {patch_size: 8, num_layers: 1, num_heads: 2, "
             "hidden_dim: 16, mlp_dim: 32}}")  # fmt: skip
 FAST = ["train.batch_size=4", "data.image_size=32", "data.val_fraction=0.25",
-        "data.test_fraction=0.25", "train.early_stopping_patience=0"]  # fmt: skip
+        "data.test_fraction=0.25", "train.early_stopping_patience=0", "sequence.epochs=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_cli_trains_and_writes_the_run_directory(prepared, tmp_path, capsys):
     assert code == 0
     for name in ("config.yaml", "splits.json", "data.json", "model.keras", "training_log.csv",
                  "history.json", "summary.json", "metrics.json", "table1_row.csv", "table2.md",
-                 "predictions.csv", "figures/loss_curves.png"):  # fmt: skip
+                 "predictions.csv", "figures/loss_curves.png", "sequence_model.keras"):  # fmt: skip
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "backup").exists()  # removed once training completed
     config = load_stage1_config(run_dir / "config.yaml")
@@ -55,7 +55,11 @@ def test_cli_trains_and_writes_the_run_directory(prepared, tmp_path, capsys):
     assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"]))
     model = keras.saving.load_model(run_dir / "model.keras")
     assert model.output_shape == (None, 7)
-    assert "test macro F1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test macro F1" in out and "(sequence model: macro F1" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sequence_model"]["epochs_run"] >= 1
+    assert summary["evaluation"]["metrics_sequence_model"]["macro_f1"] >= 0.0
     with pytest.raises(FileExistsError, match="finished run"):
         train_stage1(config, prepared, run_dir)
 
@@ -210,3 +214,21 @@ def test_training_keeps_freed_memory_every_epoch(prepared, tmp_path, monkeypatch
     config = _config("model.name=metadata_only", "train.epochs=2", "train.evaluate=false")
     train_stage1(config, prepared, tmp_path / "run", verbose=0)
     assert len(calls) >= 4  # first training and validation batch of both epochs
+
+
+def test_sequence_model_follows_the_config(prepared, tmp_path):
+    """sequence.enabled: the run gets a sequence model fitted on the best classifier's features
+    (sized to them); disabled, a fresh run leaves none behind (not even a stale one)."""
+    from keras_cspine.sequence_model import load_sequence_model
+
+    run_dir = tmp_path / "run"
+    base = ["model.name=metadata_only", "train.epochs=1", "train.evaluate=false"]
+    summary = train_stage1(_config(*base), prepared, run_dir, verbose=0)
+    sequence_model = load_sequence_model(run_dir / "sequence_model.keras")
+    classifier = keras.saving.load_model(run_dir / "model.keras")
+    assert sequence_model.input["features"].shape[-1] == classifier.layers[-1].input.shape[-1]
+    assert summary["sequence_model"]["epochs_run"] == 2
+    summary = train_stage1(_config(*base, "sequence.enabled=false"), prepared, run_dir,
+                           overwrite=True, verbose=0)  # fmt: skip
+    assert "sequence_model" not in summary
+    assert not (run_dir / "sequence_model.keras").exists()
