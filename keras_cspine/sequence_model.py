@@ -57,6 +57,7 @@ __all__ = [
     "load_sequence_model",
     "pad_studies",
     "slice_features",
+    "study_batch",
 ]
 
 

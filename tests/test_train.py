@@ -216,6 +216,7 @@ def test_training_keeps_freed_memory_every_epoch(prepared, tmp_path, monkeypatch
     assert len(calls) >= 4  # first training and validation batch of both epochs
 
 
+@pytest.mark.slow
 def test_sequence_model_follows_the_config(prepared, tmp_path):
     """sequence.enabled: the run gets a sequence model fitted on the best classifier's features
     (sized to them); disabled, a fresh run leaves none behind (not even a stale one)."""
