@@ -28,7 +28,9 @@ acute, conspicuous cortical breaks as a reader boxes them: a lucent line (a 2-3.
 gap, at least 2 pixels wide), usually with a cortical step-off (a fragment displaced by 1-3 mm,
 at least a pixel); a vertebra is labelled fractured exactly when its break shows on at least one
 slice, and each such slice has a box drawn around the fracture region (the crack and the
-displaced fragment, plus a margin in millimetres; see :func:`_boxes_from_breaks`).
+displaced fragment, plus a margin in millimetres; see :func:`_boxes_from_breaks`); slices that
+the break only grazes get no box, and boxes that overlap on a slice are merged into one
+(:func:`merge_slice_boxes`).
 Everything is deterministic for a seed:
 the same seed gives byte-identical files, whatever the number of workers.
 
@@ -93,7 +95,15 @@ MIN_BOX_MM = 12.0
 """Smallest box side (mm): RSNA boxes frame the fracture with some bone around it (on 512 px
 slices they are typically 15-25 mm across), never just the pixels of a thin crack."""
 MIN_BREAK_PIXELS = 2
-"""A slice shows a break (and gets a box) when at least this many pixels clearly changed."""
+"""A slice shows a break (and gets a box) when at least this many pixels clearly changed and
+:data:`MIN_VISIBLE_MM2` of them changed visibly."""
+MIN_VISIBLE_MM2 = 8.0
+"""Least area (mm2) of the pixels a break changes by more than ``BREAK_VISIBLE`` HU for its slice
+to get a box: a lucent line 2.5 mm wide and 3 mm long, or a step-off of that size. Below it the
+break only grazes the slice (a pixel or two of partial volume) and no reader would box it."""
+MERGE_OVERLAP = 0.3
+"""Boxes of one slice that overlap by more than this fraction of the smaller one are merged
+into one: a reader draws one box around one fracture region, even where two breaks meet."""
 GAP_MM = (2.0, 3.5)
 """Range of the width (mm) of a fracture's lucent line; at least :data:`MIN_GAP_PIXELS`."""
 MIN_GAP_PIXELS = 2.0
@@ -447,8 +457,9 @@ def _boxes_from_breaks(spec: StudySpec, s0: int, breaks) -> dict[tuple[str, int]
     """Per fracture, one box per slice where the break shows, drawn as a reader draws it.
 
     A slice shows the break when at least :data:`MIN_BREAK_PIXELS` pixels clearly changed (by
-    more than ``BREAK_STRONG`` HU), one of them by more than ``BREAK_VISIBLE`` HU: a crack grazing
-    only cancellous bone on the edge slice of a break is not something a reader would box. The
+    more than ``BREAK_STRONG`` HU) and those changed by more than ``BREAK_VISIBLE`` HU cover
+    :data:`MIN_VISIBLE_MM2`: a crack grazing the edge slice of a break (a pixel or two of partial
+    volume, or only cancellous bone) is not something a reader would box. The
     box frames the fracture region of that slice (the clearly changed pixels: the lucent line and
     the stepped-off cortex of a displaced fragment; not the faint partial-volume halo) with
     :data:`BOX_MARGIN_MM` around it, widened about its centre to at least :data:`MIN_BOX_MM`,
@@ -459,7 +470,9 @@ def _boxes_from_breaks(spec: StudySpec, s0: int, breaks) -> dict[tuple[str, int]
     for key, mask in breaks.items():
         flat = mask.reshape(len(mask), -1)
         strong = (flat >= 2).sum(axis=1)
-        for i in np.nonzero((strong >= MIN_BREAK_PIXELS) & (flat == 3).any(axis=1))[0]:
+        visible_mm2 = (flat == 3).sum(axis=1) * (g.dr * g.dc)
+        shows = (strong >= MIN_BREAK_PIXELS) & (visible_mm2 >= MIN_VISIBLE_MM2 - 1e-9)
+        for i in np.nonzero(shows)[0]:
             rows, cols = np.nonzero(mask[i] >= 2)
             x, width = _box_side(cols.min(), cols.max() + 1, g.dc, g.columns)
             y, height = _box_side(rows.min(), rows.max() + 1, g.dr, g.rows)
@@ -479,6 +492,39 @@ def _box_side(lo: int, hi: int, pixel_mm: float, size: int) -> tuple[float, floa
         a, b = (a + b - least) / 2, (a + b + least) / 2
     start, stop = max(int(np.floor(a + 1e-6)), 0), min(int(np.ceil(b - 1e-6)), size)
     return float(start), float(stop - start)
+
+
+def merge_slice_boxes(boxes: Sequence[dict]) -> list[dict]:
+    """Merge the boxes of each slice that overlap by more than :data:`MERGE_OVERLAP` of the
+    smaller box into their union (repeated until none does): one box per fracture region, as a
+    reader draws them, where two breaks of a study meet on a slice. Order: slice, x, y."""
+    by_slice: dict[tuple[str, int], list[list[float]]] = {}
+    for b in boxes:
+        by_slice.setdefault((b["StudyInstanceUID"], b["slice_number"]), []).append(
+            [b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"]]
+        )
+    merged = []
+    for (uid, number), rects in by_slice.items():
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(rects)):
+                for j in range(i + 1, len(rects)):
+                    a, c = rects[i], rects[j]
+                    iw = min(a[2], c[2]) - max(a[0], c[0])
+                    ih = min(a[3], c[3]) - max(a[1], c[1])
+                    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (c[2] - c[0]) * (c[3] - c[1]))
+                    if iw > 0 and ih > 0 and iw * ih > MERGE_OVERLAP * smaller:
+                        rects[i] = [min(a[0], c[0]), min(a[1], c[1]), max(a[2], c[2]),
+                                    max(a[3], c[3])]  # fmt: skip
+                        del rects[j]
+                        changed = True
+                        break
+                if changed:
+                    break
+        merged += [{"StudyInstanceUID": uid, "x": r[0], "y": r[1], "width": r[2] - r[0],
+                    "height": r[3] - r[1], "slice_number": number} for r in rects]  # fmt: skip
+    return sorted(merged, key=lambda b: (b["slice_number"], b["x"], b["y"]))
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -790,8 +836,7 @@ def _render_and_write(spec: StudySpec, root: Path | None, *, keep_volumes: bool)
         for bone_name, _k in per_fracture:
             labels[bone_name] = 1
         labels["patient_overall"] = int(any(labels[v] for v in VERTEBRAE))
-        boxes = sorted((b for rows in per_fracture.values() for b in rows),
-                       key=lambda b: (b["slice_number"], b["x"], b["y"]))  # fmt: skip
+        boxes = merge_slice_boxes([b for rows in per_fracture.values() for b in rows])
         record = _record(spec, present.tolist(), per_fracture, labels)
         if staging is not None:
             for stale in (staging / "plain.dcm", staging / "packed.dcm"):

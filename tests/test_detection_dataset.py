@@ -91,6 +91,7 @@ def test_label_lands_on_the_rendered_object():
         ({"val_fraction": 0.6, "test_fraction": 0.5}, "test_fraction"),
         ({"on_error": "ignore"}, "on_error"),
         ({"workers": 0}, "workers"),
+        ({"holdout": "yes"}, "holdout"),
     ],
 )
 def test_bad_export_config(kwargs, match):
@@ -186,6 +187,30 @@ def test_export_is_deterministic_and_resumes(synthetic_data, tmp_path):
     export_yolo_dataset(synthetic_data, tmp_path / "a", other, overwrite=True, progress=False)
     with Image.open(tmp_path / "a" / manifest_a.image[0]) as image:
         assert image.size == (48, 48)
+
+
+def test_holdout_export_is_one_val_split(synthetic_data, exported, tmp_path):
+    """``--holdout``: every study (fractured and healthy) in the val split, with the usual labels
+    and negatives, for ``detect val`` on studies never trained on; training on it is refused."""
+    out = tmp_path / "holdout"
+    result = run_cli("detect", "export", str(synthetic_data), str(out), "--size", "64", "--holdout",
+                     "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(out)
+    assert set(manifest.split) == {"val"}
+    full = load_manifest(exported)  # the same data exported with a train/val split
+    positives = manifest[manifest.kind == "positive"]
+    assert set(positives.StudyInstanceUID) == set(full[full.kind == "positive"].StudyInstanceUID)
+    assert positives.n_boxes.sum() == full[full.kind == "positive"].n_boxes.sum()
+    assert (manifest.kind == "negative").sum() == round(0.15 * len(positives)) > 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["config"]["holdout"] is True and summary["counts"]["train"]["images"] == 0
+    spec = yaml.safe_load((out / "data.yaml").read_text())
+    assert spec["val"] == "images/val" and not (out / spec["train"]).exists()
+    from keras_cspine.detection.ultralytics_train import train_detector
+
+    with pytest.raises(CSpineDataError, match="held-out"):
+        train_detector(out, tmp_path / "run")
 
 
 @pytest.fixture()

@@ -214,6 +214,8 @@ def test_train_config_validation():
         ({"mosaic": 1.5}, "mosaic"),
         ({"scale": -0.1}, "scale"),
         ({"close_mosaic": -1}, "close_mosaic"),
+        ({"warmup_epochs": -0.5}, "warmup_epochs"),
+        ({"cos_lr": "yes"}, "cos_lr"),
     ):
         with pytest.raises(ValueError, match=match):
             DetectTrainConfig(**kwargs)
@@ -224,6 +226,10 @@ def test_train_hyperparameters_fields_then_extra():
     assert DetectTrainConfig().hyperparameters() == {}  # Ultralytics' own defaults
     config = DetectTrainConfig(nbs=8, mosaic=0.0, extra={"mosaic": 0.5, "lr0": 0.02})
     assert config.hyperparameters() == {"nbs": 8, "mosaic": 0.5, "lr0": 0.02}
+    config = DetectTrainConfig(cos_lr=True, warmup_epochs=2, extra={"lrf": 0.05})
+    assert config.hyperparameters() == {"cos_lr": True, "warmup_epochs": 2, "lrf": 0.05}
+    assert DetectTrainConfig(cos_lr=False, warmup_epochs=0).hyperparameters() == {
+        "cos_lr": False, "warmup_epochs": 0}  # fmt: skip
 
 
 @pytest.mark.parametrize(

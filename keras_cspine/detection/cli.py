@@ -45,6 +45,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-ratio", type=float, help="negatives per boxed slice (0.15)")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--test-fraction", type=float)
+    p.add_argument("--holdout", action="store_true", default=None,
+                   help="every study in the val split: an independent test set for `detect val`")
     p.add_argument("--seed", type=int)
     p.add_argument("--on-error", choices=["raise", "skip"],
                    help="skip: record bad boxes / slices in OUT/errors.csv and go on")  # fmt: skip
@@ -121,7 +123,8 @@ def _run_export(args) -> int:
     config = _resolve(ExportConfig, args, {
         "size": args.size, "mode": args.mode, "negatives": args.negatives,
         "negative_ratio": args.negative_ratio, "val_fraction": args.val_fraction,
-        "test_fraction": args.test_fraction, "seed": args.seed, "on_error": args.on_error,
+        "test_fraction": args.test_fraction, "holdout": args.holdout, "seed": args.seed,
+        "on_error": args.on_error,
         "workers": args.workers, "decoder": args.decoder,
     })  # fmt: skip
     summary = export_yolo_dataset(

@@ -68,6 +68,8 @@ class DetectTrainConfig:
             accumulated up to it: with ``batch`` 8 and the default 64, one optimizer step per 8
             batches), zoom augmentation, mosaic probability and mosaic-free final epochs;
             None keeps Ultralytics' defaults (64, 0.5, 1.0, 10).
+        cos_lr, warmup_epochs: cosine instead of linear learning-rate decay, and the warm-up
+            length in epochs (fractions allowed); None keeps Ultralytics' defaults (False, 3).
         extra: further Ultralytics train arguments (e.g. ``lr0: 0.01``); they win over the
             fields above.
     """
@@ -91,6 +93,8 @@ class DetectTrainConfig:
     scale: float | None = None
     mosaic: float | None = None
     close_mosaic: int | None = None
+    cos_lr: bool | None = None
+    warmup_epochs: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -109,18 +113,21 @@ class DetectTrainConfig:
             raise ValueError(f"imgsz must be a multiple of 32 (the YOLO stride), got {self.imgsz!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
-        for name, low, high in (("nbs", 1, None), ("scale", 0.0, None), ("mosaic", 0.0, 1.0),
-                                ("close_mosaic", 0, None)):  # fmt: skip
+        ranges = (("nbs", 1, None), ("scale", 0.0, None), ("mosaic", 0.0, 1.0),
+                  ("close_mosaic", 0, None), ("warmup_epochs", 0.0, None))  # fmt: skip
+        for name, low, high in ranges:
             value = getattr(self, name)
             if value is not None and (value < low or (high is not None and value > high)):
                 raise ValueError(f"{name} must be in [{low}, {high or 'inf'}], got {value!r}")
+        if self.cos_lr is not None and not isinstance(self.cos_lr, bool):
+            raise ValueError(f"cos_lr must be true, false or None, got {self.cos_lr!r}")
         reserved = sorted(set(self.extra) & RESERVED_ARGS)
         if reserved:
             raise ValueError(f"extra may not set {reserved}: they are fields of this config")
 
     def hyperparameters(self) -> dict[str, Any]:
         """The Ultralytics train arguments set by the optional fields, then ``extra``."""
-        fields = ("nbs", "scale", "mosaic", "close_mosaic")
+        fields = ("nbs", "scale", "mosaic", "close_mosaic", "cos_lr", "warmup_epochs")
         chosen = {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
         return {**chosen, **self.extra}
 
@@ -369,6 +376,10 @@ def train_detector(
 
     config = config or DetectTrainConfig()
     data_yaml = resolve_data_yaml(data)
+    export = data_yaml.parent / "export.json"
+    if export.is_file() and json.loads(export.read_text()).get("config", {}).get("holdout"):
+        raise CSpineDataError(export, "a held-out export (holdout: true) has no train split; "
+                              "it is for `detect val` only")  # fmt: skip
     out = Path(out_dir).resolve()
     resolved = {"config": dump_config(config), "data": str(data_yaml)}
     run_file = out / "run.json"

@@ -13,7 +13,9 @@ Ultralytics dataset:
   ``patient_overall`` is 0, or (``negative_source="unboxed"``, and as a fallback when there is
   no such study) from slices far from any box;
 - the split is by study (``keras_cspine.splits.split_studies``, fractured and healthy studies
-  split separately so both kinds reach every split), never by slice;
+  split separately so both kinds reach every split), never by slice; ``holdout=True`` puts every
+  study in the val split instead: an independent test set (e.g. a ``synth`` dataset with
+  another seed) for ``detect val``, never seen in training nor in choosing the best epoch;
 - ``data.yaml``, ``manifest.csv`` (split, kind, image, label, study, slice, source DICOM, native
   size, boxes), ``export.json`` (settings, counts) and, with ``on_error="skip"``,
   ``errors.csv``.
@@ -72,6 +74,8 @@ class ExportConfig:
         negative_margin: see ``negative_source``.
         val_fraction: fraction of studies held out for validation (Table 3 is measured there).
         test_fraction: fraction of studies held out as a test split (0: none).
+        holdout: every study goes to the val split (no train split; ``val_fraction`` and
+            ``test_fraction`` are ignored): an independent held-out set for ``detect val``.
         seed: seed of the split and of the choice of negatives.
         on_error: "raise" at the first bad box or slice, or "skip" and record it.
         drop_known_bad: leave out the two studies the community drops (io.rsna.KNOWN_BAD_STUDIES).
@@ -87,6 +91,7 @@ class ExportConfig:
     negative_margin: int = 5
     val_fraction: float = 0.2
     test_fraction: float = 0.0
+    holdout: bool = False
     seed: int = 0
     on_error: str = "raise"
     drop_known_bad: bool = True
@@ -115,6 +120,8 @@ class ExportConfig:
                 f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, "
                 f"got {self.test_fraction!r}"
             )
+        if not isinstance(self.holdout, bool):
+            raise ValueError(f"holdout must be true or false, got {self.holdout!r}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.workers < 1:
@@ -279,10 +286,10 @@ def plan_export(data_dir, config: ExportConfig, errors: list[dict[str, str]] | N
         box = (float(row.x), float(row.y), float(row.width), float(row.height))
         by_slice.setdefault((uid, number), []).append(box)
     positive_studies = sorted({uid for uid, _ in by_slice})
-    if len(positive_studies) < 2:
+    if len(positive_studies) < (1 if config.holdout else 2):
         raise CSpineDataError(
-            boxes_path, f"{len(positive_studies)} studies with usable boxes: need at least 2 to "
-            "split into train and validation"
+            boxes_path, f"{len(positive_studies)} studies with usable boxes: need at least "
+            + ("1 for a held-out set" if config.holdout else "2 to split into train and validation")
         )  # fmt: skip
 
     healthy: list[str] = []
@@ -301,6 +308,9 @@ def plan_export(data_dir, config: ExportConfig, errors: list[dict[str, str]] | N
     fractions = dict(val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     split_of: dict[str, str] = {}
     for group in (positive_studies, healthy if source_used == "healthy" else []):
+        if config.holdout:
+            split_of.update({uid: "val" for uid in group})
+            continue
         for split, uids in split_studies(group, seed=config.seed, **fractions).items():
             split_of.update({uid: split for uid in uids})
 
@@ -409,6 +419,8 @@ def _settings_digest(config: ExportConfig, data_dir: Path, inputs_sha1: str) -> 
     settings = asdict(config)
     for key in ("workers", "on_error"):
         settings.pop(key)
+    if not settings["holdout"]:
+        settings.pop("holdout")  # digests of exports made before the option stay valid
     payload = {**settings, "data_dir": str(data_dir), "inputs": inputs_sha1,
                "format": EXPORT_FORMAT}  # fmt: skip
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -540,7 +552,7 @@ def export_yolo_dataset(
             "n_boxes": len(record["boxes"]), "boxes": json.dumps(record["boxes"]),
             "clipped": record["clipped"],
         })  # fmt: skip
-    if counts["train"]["images"] == 0 or counts["val"]["images"] == 0:
+    if counts["val"]["images"] == 0 or (counts["train"]["images"] == 0 and not config.holdout):
         raise CSpineDataError(out, f"export left an empty train or val split: {counts}")
     with atomic_write(out / "manifest.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
