@@ -95,6 +95,7 @@ def test_it_learns_what_no_single_slice_shows():
     assert exact > 0.9
 
 
+@pytest.mark.slow
 def test_fit_normalises_with_the_training_slices_and_saves(tmp_path):
     features, labels, ids, order = counting_studies(6, seed=4)
     features = features * 50.0 + 7.0
