@@ -42,7 +42,8 @@ from keras_cspine.sequence_model import (
     load_sequence_model,
     slice_features,
 )
-from keras_cspine.utils import atomic_path, atomic_write, write_json
+from keras_cspine.utils import atomic_write, write_json
+from keras_cspine.viz import _pyplot, save_figure
 
 #: Table 1 of the paper: row -> (macro F1, exact match ratio, coverage error).
 PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
@@ -84,10 +85,7 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f", index: bool = Fal
 def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.PathLike,
                      title: str = "") -> Path:  # fmt: skip
     """Figure 6: loss (and macro F1 when logged) per epoch, train vs validation; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not history.get("loss"):
         raise ValueError("history has no 'loss' values to plot")
@@ -107,11 +105,7 @@ def plot_loss_curves(history: Mapping[str, Sequence[float]], path: str | os.Path
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_study_levels(predictions: pd.DataFrame, path: str | os.PathLike,
@@ -120,10 +114,7 @@ def plot_study_levels(predictions: pd.DataFrame, path: str | os.PathLike,
     set of scores in ``predictions`` (``p_``: per slice, ``decoded_``: level decoding,
     ``sequence_``: the sequence model), for the ``n_studies`` studies whose per-slice exact
     match is lowest; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     kinds = [(prefix, title) for prefix, title in (
         ("", "truth"), ("p_", "per slice (paper)"), ("decoded_", "level decoding"),
@@ -154,11 +145,7 @@ def plot_study_levels(predictions: pd.DataFrame, path: str | os.PathLike,
                 match = ((values.T >= 0.5) == (study[list(VERTEBRAE)].to_numpy() > 0.5)).all(1)
                 ax.set_xlabel(f"exact match {match.mean():.2f}", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def table1_row(
