@@ -275,13 +275,12 @@ def slice_features(classifier, sequence) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(features, dtype=np.float32), scores
 
 
-def study_batch(classifier, sequence) -> tuple[StudyBatch, np.ndarray]:
-    """A labelled :class:`StudyBatch` of a sequence's studies, and the classifier's scores."""
-    features, scores = slice_features(classifier, sequence)
+def study_batch(classifier, sequence) -> StudyBatch:
+    """The labelled :class:`StudyBatch` of a sequence's studies, from the classifier's features."""
+    features, _ = slice_features(classifier, sequence)
     frame = sequence.frame
-    batch = pad_studies(features, frame["StudyInstanceUID"].to_numpy(),
-                        frame["series_index"].to_numpy(), sequence.labels)  # fmt: skip
-    return batch, scores
+    return pad_studies(features, frame["StudyInstanceUID"].to_numpy(),
+                       frame["series_index"].to_numpy(), sequence.labels)  # fmt: skip
 
 
 def load_sequence_model(path: str | os.PathLike):

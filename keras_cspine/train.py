@@ -618,9 +618,10 @@ def train_sequence_model(config: Stage1Config, prepared: str | os.PathLike,
     started = time.time()
     run_dir = Path(run_dir)
     classifier = keras.saving.load_model(run_dir / "model.keras")
-    sequences = make_sequences(config, prepared, splits, plain=True)
-    train_batch, _ = study_batch(classifier, sequences["train"])
-    val_batch, _ = study_batch(classifier, sequences["val"])
+    sequences = make_sequences(config, prepared, {k: splits[k] for k in ("train", "val")},
+                               plain=True)  # fmt: skip
+    train_batch = study_batch(classifier, sequences["train"])
+    val_batch = study_batch(classifier, sequences["val"])
     model, history = fit_sequence_model(train_batch, val_batch, config.sequence,
                                         seed=config.train.seed, verbose=verbose)  # fmt: skip
     with atomic_path(run_dir / SEQUENCE_MODEL_FILE) as tmp:
