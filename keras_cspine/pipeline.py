@@ -465,7 +465,7 @@ def _stage2_settings(weights: Path) -> dict[str, Any]:
         export_json = Path(data_yaml).parent / "export.json" if data_yaml else None
         if export_json is not None and export_json.is_file():
             config = json.loads(export_json.read_text(encoding="utf-8")).get("config", {})
-            return {k: config[k] for k in ("mode", "size") if k in config}
+            return {k: config[k] for k in ("mode", "size", "roi_mm") if k in config}
     return {}
 
 
@@ -493,14 +493,16 @@ class Stage2Model:
         detector: a ``keras_cspine.detection.onnx_predictor.OnnxDetector``.
         mode: preprocessing mode of the YOLO export images.
         size: side of the export images (the detector letterboxes them to its input size).
+        roi_mm: the export's spine window (``keras_cspine.detection.roi``); None: whole slices.
         source: where the model came from.
     """
 
     def __init__(self, detector, mode: str = "bone", size: int | None = None,
-                 source: str = "<in memory>"):  # fmt: skip
+                 roi_mm: float | None = None, source: str = "<in memory>"):  # fmt: skip
         self.detector = detector
         self.mode = mode
         self.size = int(size or detector.imgsz[0])
+        self.roi_mm = None if roi_mm is None else float(roi_mm)
         self.source = source
 
     @classmethod
@@ -528,17 +530,35 @@ class Stage2Model:
         settings = _stage2_settings(path)
         detector = OnnxDetector(path, conf=conf, iou=iou, threads=threads)
         return cls(detector, mode=mode or settings.get("mode", "bone"),
-                   size=size or settings.get("size"), source=str(path))  # fmt: skip
+                   size=size or settings.get("size"), roi_mm=settings.get("roi_mm"),
+                   source=str(path))  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """The settings, for logs and JSON."""
         return {"source": self.source, "mode": self.mode, "size": self.size,
-                "input_size": list(self.detector.imgsz), "conf": self.detector.conf,
-                "iou": self.detector.iou}  # fmt: skip
+                "roi_mm": self.roi_mm, "input_size": list(self.detector.imgsz),
+                "conf": self.detector.conf, "iou": self.detector.iou}  # fmt: skip
 
-    def detect(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes ``(N, 4)`` as ``x, y, width, height`` in native slice pixels, and scores."""
-        found = self.detector.predict_slice(hu, mode=self.mode, size=self.size)
+    def study_roi(self, hu: np.ndarray, slice_numbers: Sequence[int],
+                  pixel_spacing: Sequence[float]):  # fmt: skip
+        """The spine window of a study (``(Z, rows, columns)`` HU in series order, with its slice
+        numbers), found from the same slices as at export; None without ``roi_mm``."""
+        if self.roi_mm is None:
+            return None
+        from keras_cspine.detection.roi import roi_sample, study_roi
+
+        index = {int(n): i for i, n in enumerate(slice_numbers)}
+        sample = [hu[index[n]] for n in roi_sample(slice_numbers)]
+        return study_roi(sample, pixel_spacing, self.roi_mm)
+
+    def detect(self, hu: np.ndarray, roi=None) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes ``(N, 4)`` as ``x, y, width, height`` in native slice pixels, and scores;
+        ``roi``: the study's :meth:`study_roi` when the detector was trained on windows."""
+        if (roi is None) != (self.roi_mm is None):
+            raise ValueError(f"stage 2 model {self.source} was trained on "
+                             + ("whole slices: pass no roi" if self.roi_mm is None
+                                else f"{self.roi_mm:g} mm spine windows: pass its study_roi"))
+        found = self.detector.predict_slice(hu, mode=self.mode, size=self.size, roi=roi)
         return found.xywh().astype(np.float64), found.scores.astype(np.float64)
 
 
@@ -768,9 +788,11 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
     started = time.perf_counter()
     numbers = np.asarray(meta.slice_numbers, dtype=np.int64)
     boxes: list[Box] = []
+    roi = None
     if stage2 is not None:
+        roi = stage2.study_roi(hu, numbers, first.pixel_spacing)
         for i in np.flatnonzero(gated):
-            xywh, scores = stage2.detect(hu[i])
+            xywh, scores = stage2.detect(hu[i], roi)
             boxes.extend(Box(int(i), int(numbers[i]), *map(float, b), score=float(s))
                          for b, s in zip(xywh, scores))  # fmt: skip
     boxes = assign_boxes(boxes, probabilities, config.presence_threshold)
@@ -789,6 +811,7 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
         "dicom_study_uid": meta.study_uid, "rows": first.rows, "columns": first.columns,
         "pixel_spacing_mm": list(first.pixel_spacing), "slice_spacing_mm": meta.spacing_mm,
         "head_first": meta.head_first, "transfer_syntax": first.transfer_syntax_uid,
+        "stage2_roi": roi.to_json() if roi is not None else None,
     }  # fmt: skip
     return StudyResult(
         uid=uid or folder.name, folder=str(folder), slice_numbers=numbers,

@@ -374,6 +374,30 @@ def test_onnx_predictor_beside_tensorflow_without_torch(trained, synthetic_data)
 
 
 @pytest.mark.slow
+def test_onnx_predictor_on_spine_windows_matches_the_export(trained, synthetic_data, tmp_path):
+    """``predict_slice(hu, roi=...)`` on a DICOM slice finds the boxes the detector finds on the
+    exported window image of that slice, mapped back with the manifest's window."""
+    from keras_cspine.detection.roi import SpineRoi
+    from keras_cspine.io.dicom import read_slice
+
+    out = tmp_path / "roi_export"
+    export_yolo_dataset(synthetic_data, out, ExportConfig(size=64, roi_mm=100.0), progress=False)
+    detector = OnnxDetector(trained["run"] / "weights" / "best.onnx", conf=0.001)
+    n_boxes = 0
+    for row in load_manifest(out).head(6).itertuples():
+        roi = SpineRoi.from_json(row.roi)
+        hu, _ = read_slice(row.source)
+        found = detector.predict_slice(hu, mode="bone", size=64, roi=roi)
+        on_png = detector.predict(np.asarray(Image.open(out / row.image).convert("RGB")))
+        np.testing.assert_allclose(found.boxes, roi.to_slice(on_png.boxes, 64, *hu.shape),
+                                   atol=1e-3)  # fmt: skip
+        np.testing.assert_allclose(found.scores, on_png.scores, atol=1e-6)
+        assert found.image_shape == hu.shape
+        n_boxes += len(found)
+    assert n_boxes > 0
+
+
+@pytest.mark.slow
 def test_predict_command(trained, tmp_path):
     onnx = trained["run"] / "weights" / "best.onnx"
     image = sorted((trained["export"] / "images" / "val").glob("*.png"))[0]

@@ -332,6 +332,45 @@ def test_stage1_settings_come_from_the_training_run(models, tmp_path):
         Stage1Model.load(tmp_path / "nothing")
 
 
+def test_stage2_looks_at_the_spine_window_of_its_export(models, synthetic_data, tmp_path):
+    """A detector trained on ``detect export --roi-mm`` windows gets the same window of each
+    study at inference (found from the same slices), and its boxes come back to the slice."""
+    import json
+
+    from keras_cspine.detection.roi import read_study_roi
+    from keras_cspine.pipeline import Stage1Model, Stage2Model, predict_study
+
+    run = tmp_path / "detect"
+    (run / "weights").mkdir(parents=True)
+    (tmp_path / "export").mkdir()
+    shutil.copy(models[1], run / "weights" / "best.onnx")
+    (run / "run.json").write_text(json.dumps({"data": str(tmp_path / "export" / "data.yaml")}))
+    (tmp_path / "export" / "export.json").write_text(json.dumps(
+        {"config": {"mode": "bone", "size": DETECTOR_SIZE, "roi_mm": 60.0}}))  # fmt: skip
+    stage2 = Stage2Model.load(run)
+    assert stage2.roi_mm == 60.0 and stage2.describe()["roi_mm"] == 60.0
+
+    folder = sorted((synthetic_data / "train_images").iterdir())[0]
+    result = predict_study(folder, Stage1Model.load(models[0]), stage2, PredictConfig())
+    roi = read_study_roi(folder, 60.0)
+    assert result.info["stage2_roi"] == roi.to_json()
+    # the constant 0.9 box (centred in the window image; 8 x 6) in slice pixels
+    scale = roi.side / DETECTOR_SIZE
+    corner = DETECTOR_SIZE / 2 - np.array([4, 3])
+    expected = [roi.left + corner[0] * scale, roi.top + corner[1] * scale, 8 * scale, 6 * scale]
+    assert len(result.boxes) == result.gated.sum() > 0
+    for box in result.boxes:
+        assert [box.x, box.y, box.width, box.height] == pytest.approx(expected, abs=1e-3)
+    # a window detector needs the window; a whole-slice one refuses it
+    hu = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="spine windows"):
+        stage2.detect(hu)
+    whole = Stage2Model.load(models[1])
+    assert whole.roi_mm is None and whole.study_roi(hu[None], [1], (1.0, 1.0)) is None
+    with pytest.raises(ValueError, match="whole slices"):
+        whole.detect(hu, roi)
+
+
 def test_inference_inputs_equal_the_training_inputs(models, synthetic_data, prepared):
     """Images and metadata built from DICOM at inference == what CSpineSequence trains on."""
     from keras_cspine.data import CSpineSequence

@@ -40,6 +40,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _config_options(p, "detect_export")
     p.add_argument("--size", type=int, help="image side in pixels (default 512)")
     p.add_argument("--mode", choices=["bone", "multiwindow", "paper"], help="window mode")
+    p.add_argument("--roi-mm", type=float, help="render only a square window of this many mm "
+                   "around the cervical column (default: the whole slice)")  # fmt: skip
     p.add_argument("--negatives", type=int, help="number of negative slices (default: sized "
                    "by --negative-ratio)")  # fmt: skip
     p.add_argument("--negative-ratio", type=float, help="negatives per boxed slice (0.15)")
@@ -121,7 +123,7 @@ def _run_export(args) -> int:
     from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset
 
     config = _resolve(ExportConfig, args, {
-        "size": args.size, "mode": args.mode, "negatives": args.negatives,
+        "size": args.size, "mode": args.mode, "roi_mm": args.roi_mm, "negatives": args.negatives,
         "negative_ratio": args.negative_ratio, "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction, "holdout": args.holdout, "seed": args.seed,
         "on_error": args.on_error,

@@ -256,17 +256,24 @@ class OnnxDetector:
         """:meth:`predict` for each image."""
         return [self.predict(image) for image in images]
 
-    def predict_slice(self, hu: np.ndarray, mode: str = "bone", size: int | None = None) -> Detections:
+    def predict_slice(self, hu: np.ndarray, mode: str = "bone", size: int | None = None,
+                      roi=None) -> Detections:  # fmt: skip
         """Boxes on a CT slice given in HU, in the slice's own pixel grid (rows, columns).
 
         Use :meth:`Detections.xywh` for the ``train_bounding_boxes.csv`` convention. The slice
         is rendered with ``keras_cspine.preprocess.to_model_image`` (``mode``, ``size``;
-        use the export's settings, by default the model's input size), as at training time.
+        use the export's settings, by default the model's input size), as at training time;
+        with ``roi`` (a ``keras_cspine.detection.roi.SpineRoi``, for a detector trained on an
+        export with ``roi_mm``) only that window of the slice is rendered.
         """
         from keras_cspine.preprocess import to_model_image
 
         hu = np.asarray(hu)
         if hu.ndim != 2:
             raise ValueError(f"expected a 2-D HU slice, got shape {hu.shape}")
-        image = to_model_image(hu, mode=mode, size=size or self.imgsz[0])
-        return self.predict(image).to_slice(*hu.shape)
+        size = size or self.imgsz[0]
+        if roi is None:
+            return self.predict(to_model_image(hu, mode=mode, size=size)).to_slice(*hu.shape)
+        found = self.predict(to_model_image(roi.crop(hu), mode=mode, size=size))
+        boxes = roi.to_slice(found.boxes, size, *hu.shape).astype(np.float32)
+        return Detections(boxes, found.scores, found.classes, tuple(hu.shape))

@@ -12,6 +12,8 @@ Ultralytics dataset:
   the paper's proportion) sizes them to the data. They come from studies whose ``train.csv``
   ``patient_overall`` is 0, or (``negative_source="unboxed"``, and as a fallback when there is
   no such study) from slices far from any box;
+- ``roi_mm`` (beyond the paper): each image shows only a square window of that many mm around the
+  study's cervical column (``keras_cspine.detection.roi``), its boxes relative to the window;
 - the split is by study (``keras_cspine.splits.split_studies``, fractured and healthy studies
   split separately so both kinds reach every split), never by slice; ``holdout=True`` puts every
   study in the val split instead: an independent test set (e.g. a ``synth`` dataset with
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -54,7 +57,7 @@ BOX_TOLERANCE = 0.5  # pixels a box may overhang its slice before it is an error
 EXPORT_FORMAT = 1
 MANIFEST_COLUMNS = (
     "split", "kind", "image", "label", "StudyInstanceUID", "slice_number", "source", "rows",
-    "columns", "n_boxes", "boxes", "clipped",
+    "columns", "n_boxes", "boxes", "clipped", "roi",
 )  # fmt: skip
 
 
@@ -65,6 +68,10 @@ class ExportConfig:
     Args:
         size: side of the square images, pixels.
         mode: ``keras_cspine.preprocess`` mode: "bone", "multiwindow" or "paper".
+        roi_mm: render only a square window of this many mm around the cervical column of each
+            study (``keras_cspine.detection.roi``; beyond the paper) instead of the whole slice;
+            None: the whole slice, as the paper. Boxes outside the window are left out and
+            counted as ``outside_roi`` (a positive slice left with none gives no image).
         negatives: number of negative slices; None sizes them with ``negative_ratio``.
         negative_ratio: negatives per boxed slice when ``negatives`` is None (0.15 ~ the paper's
             1,000 beside ~7,200 RSNA box slices).
@@ -85,6 +92,7 @@ class ExportConfig:
 
     size: int = 512
     mode: str = "bone"
+    roi_mm: float | None = None
     negatives: int | None = None
     negative_ratio: float = 0.15
     negative_source: str = "healthy"
@@ -103,6 +111,8 @@ class ExportConfig:
             raise ValueError(f"size must be an integer >= 8, got {self.size!r}")
         if self.mode not in ("bone", "multiwindow", "paper"):
             raise ValueError(f"mode must be 'bone', 'multiwindow' or 'paper', got {self.mode!r}")
+        if self.roi_mm is not None and not self.roi_mm > 0:
+            raise ValueError(f"roi_mm must be > 0 or None, got {self.roi_mm!r}")
         if self.negatives is not None and self.negatives < 0:
             raise ValueError(f"negatives must be >= 0 or None, got {self.negatives!r}")
         if self.negative_ratio < 0:
@@ -138,6 +148,7 @@ class ExportItem:
     slice_number: int
     source: str
     boxes: tuple[tuple[float, float, float, float], ...] = ()
+    roi: tuple[int, int, int] | None = None  # SpineRoi (top, left, side) of the study
 
     @property
     def name(self) -> str:
@@ -376,6 +387,7 @@ def _render(item: ExportItem, out: str, size: int, mode: str, decoder: str) -> d
     bad box: the caller decides)."""
     from PIL import Image
 
+    from keras_cspine.detection.roi import SpineRoi
     from keras_cspine.io.dicom import read_slice
     from keras_cspine.preprocess import to_model_image
 
@@ -385,23 +397,31 @@ def _render(item: ExportItem, out: str, size: int, mode: str, decoder: str) -> d
         return {"name": item.name, "fatal": {"path": str(err.path or item.source),
                                              "problem": err.problem}}  # fmt: skip
     rows, columns = int(hu.shape[0]), int(hu.shape[1])
-    labels, kept, problems, clipped = [], [], [], 0
+    roi = SpineRoi(*item.roi) if item.roi else None
+    labels, kept, problems, clipped, outside = [], [], [], 0, 0
     for box in item.boxes:
         why = box_problem(box, rows, columns)
         if why:
             problems.append(f"study {item.uid} slice {item.slice_number}: {why}")
             continue
-        label, was_clipped = yolo_label(box, rows, columns)
+        if roi is None:
+            label, was_clipped = yolo_label(box, rows, columns)
+        else:
+            label, was_clipped = roi.yolo_label(box, rows, columns)
+            if label is None:
+                outside += 1
+                continue
         labels.append(label)
         kept.append(list(box))
         clipped += int(was_clipped)
     record = {
         "name": item.name, "rows": rows, "columns": columns, "boxes": kept,
-        "clipped": clipped, "problems": problems,
+        "clipped": clipped, "problems": problems, "outside_roi": outside,
+        "roi": list(item.roi) if item.roi else None,
     }  # fmt: skip
     if item.kind == "positive" and not labels:
-        return record  # every box was bad: not a negative either, so no image at all
-    image = to_model_image(hu, mode=mode, size=size)
+        return record  # every box was bad or outside the window: no image at all
+    image = to_model_image(roi.crop(hu) if roi else hu, mode=mode, size=size)
     image_path = Path(out) / "images" / item.split / f"{item.name}.png"
     with atomic_path(image_path) as tmp:
         Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
@@ -419,8 +439,9 @@ def _settings_digest(config: ExportConfig, data_dir: Path, inputs_sha1: str) -> 
     settings = asdict(config)
     for key in ("workers", "on_error"):
         settings.pop(key)
-    if not settings["holdout"]:
-        settings.pop("holdout")  # digests of exports made before the option stay valid
+    for option in ("holdout", "roi_mm"):
+        if not settings[option]:
+            settings.pop(option)  # digests of exports made before the option stay valid
     payload = {**settings, "data_dir": str(data_dir), "inputs": inputs_sha1,
                "format": EXPORT_FORMAT}  # fmt: skip
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -455,6 +476,20 @@ def _prepare_out(out: Path, digest: str, overwrite: bool) -> dict[str, dict]:
     return done
 
 
+def _with_rois(items: list[ExportItem], config: ExportConfig, progress: bool) -> list[ExportItem]:
+    """The items with their study's spine window (``keras_cspine.detection.roi``), found from a
+    few slices of each study."""
+    from tqdm.auto import tqdm
+
+    from keras_cspine.detection.roi import read_study_roi
+
+    folders = sorted({Path(item.source).parent for item in items})
+    rois = {folder: read_study_roi(folder, config.roi_mm, config.decoder).to_json()
+            for folder in tqdm(folders, desc="spine windows", unit="study",
+                               disable=not progress)}  # fmt: skip
+    return [dataclasses.replace(item, roi=tuple(rois[Path(item.source).parent])) for item in items]
+
+
 def export_yolo_dataset(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -480,6 +515,8 @@ def export_yolo_dataset(
     errors: list[dict[str, str]] = []
     items, info = plan_export(data_dir, config, errors)
     digest = _settings_digest(config, data_dir, info["inputs_sha1"])
+    if config.roi_mm is not None:
+        items = _with_rois(items, config, progress)
     done = _prepare_out(out, digest, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "export.json", {"digest": digest, "complete": False, "config": asdict(config)})
@@ -528,8 +565,8 @@ def export_yolo_dataset(
                     for item, record in zip(chunk, future.result()):
                         accept(item, record)
 
-    manifest, counts = [], {s: {"images": 0, "positives": 0, "negatives": 0, "instances": 0}
-                            for s in SPLITS}  # fmt: skip
+    manifest, counts = [], {s: {"images": 0, "positives": 0, "negatives": 0, "instances": 0,
+                                "outside_roi": 0} for s in SPLITS}  # fmt: skip
     for item in items:
         record = records[item.name]
         if record.get("fatal"):
@@ -537,9 +574,10 @@ def export_yolo_dataset(
             continue
         errors.extend({"path": str(data_dir / "train_bounding_boxes.csv"), "problem": p}
                       for p in record["problems"])  # fmt: skip
+        c = counts[item.split]
+        c["outside_roi"] += record.get("outside_roi", 0)
         if not record.get("written"):
             continue
-        c = counts[item.split]
         c["images"] += 1
         c["positives" if item.kind == "positive" else "negatives"] += 1
         c["instances"] += len(record["boxes"])
@@ -550,7 +588,7 @@ def export_yolo_dataset(
             "StudyInstanceUID": item.uid, "slice_number": item.slice_number,
             "source": item.source, "rows": record["rows"], "columns": record["columns"],
             "n_boxes": len(record["boxes"]), "boxes": json.dumps(record["boxes"]),
-            "clipped": record["clipped"],
+            "clipped": record["clipped"], "roi": json.dumps(record.get("roi")),
         })  # fmt: skip
     if counts["val"]["images"] == 0 or (counts["train"]["images"] == 0 and not config.holdout):
         raise CSpineDataError(out, f"export left an empty train or val split: {counts}")
@@ -596,4 +634,6 @@ def load_manifest(export_dir: str | os.PathLike):
         raise CSpineDataError(path, "no manifest: not a finished YOLO export")
     frame = pd.read_csv(path, dtype={"StudyInstanceUID": str})
     frame["boxes"] = frame["boxes"].map(json.loads)
+    if "roi" in frame:  # exports made before the option have no such column
+        frame["roi"] = frame["roi"].map(lambda v: json.loads(v) if isinstance(v, str) else None)
     return frame
