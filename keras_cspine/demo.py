@@ -23,7 +23,8 @@ same folder (its results are kept in ``OUT/demo_state.json``). A summary of wher
 the figures measured is printed at the end and written to ``OUT/summary.json``.
 
 Synthetic default: 40 studies of the ``small`` preset, 64 px stage 1 images, the narrow GCViT of
-``stage1_synthetic_small`` and a YOLOv8n detector with short schedules, sized to finish within
+``stage1_synthetic_small`` and a YOLOv8n detector on 100 mm spine windows at 128 px
+(``detect_train_synthetic``) with short schedules, sized to finish within
 15 minutes on 2 CPU cores. ``--data KAGGLE_DIR`` switches to :meth:`DemoSettings.paper` (224 px GCViT-tiny,
 YOLOv8s at 640 px for 100 epochs): hours, and a GPU is advised.
 """
@@ -62,6 +63,10 @@ class DemoSettings:
         stage1_epochs: epochs of stage 1 (None: the config's).
         stage1_overrides: further ``key=value`` overrides of the stage 1 config.
         export_size, export_mode: side and window mode of the YOLO export images.
+        export_roi_mm: the export's spine window (``keras_cspine.detection.roi``); None: whole
+            slices, as the paper.
+        detect_config: bundled stage 2 config the training starts from (None: the defaults);
+            the fields below override it.
         detect_model, detect_epochs, detect_imgsz, detect_batch: stage 2 training.
         detect_extra: further Ultralytics train arguments (``--set extra.<key>=<value>``).
         box_conf: confidence threshold of stage 2 boxes in the pipeline.
@@ -77,15 +82,17 @@ class DemoSettings:
     stage1_config: str = "stage1_synthetic_small"
     stage1_epochs: int | None = 10
     stage1_overrides: tuple[str, ...] = ("train.warmup_epochs=1",)
-    export_size: int = 256
+    export_size: int = 128
     export_mode: str = "bone"
+    export_roi_mm: float | None = 100.0
+    # configs/detect_train_synthetic.yaml: an optimizer step per batch (Ultralytics otherwise
+    # accumulates up to a nominal batch of 64), mild zoom, no mosaic, cosine learning rate
+    detect_config: str | None = "detect_train_synthetic"
     detect_model: str = "yolov8n"
-    detect_epochs: int = 16
-    detect_imgsz: int = 256
+    detect_epochs: int = 30
+    detect_imgsz: int = 128
     detect_batch: int = 8
-    # as configs/detect_train_synthetic.yaml: an optimizer step per batch (Ultralytics otherwise
-    # accumulates up to a nominal batch of 64), mild zoom, no mosaic
-    detect_extra: tuple[str, ...] = ("nbs=8", "scale=0.25", "mosaic=0.0", "close_mosaic=0")
+    detect_extra: tuple[str, ...] = ()
     box_conf: float = 0.1
 
     def __post_init__(self):
@@ -99,8 +106,9 @@ class DemoSettings:
         """The paper's configurations, for the real Kaggle data (``--data``)."""
         base = cls(image_size=224, mode="bone", stage1_config="stage1_gcvit_tiny",
                    stage1_epochs=None, stage1_overrides=(), holdout_fraction=0.1,
-                   export_size=512, detect_model="yolov8s", detect_epochs=100, detect_imgsz=640,
-                   detect_batch=16, detect_extra=(), box_conf=0.25)  # fmt: skip
+                   export_size=512, export_roi_mm=None, detect_config=None,
+                   detect_model="yolov8s", detect_epochs=100, detect_imgsz=640, detect_batch=16,
+                   detect_extra=(), box_conf=0.25)  # fmt: skip
         return dataclasses.replace(base, **changes)
 
 
@@ -234,6 +242,8 @@ def train_detector_subprocess(export_dir: Path, run_dir: Path, settings: DemoSet
         "--epochs", str(settings.detect_epochs), "--imgsz", str(settings.detect_imgsz),
         "--batch", str(settings.detect_batch), "--seed", str(settings.seed), "--workers", "0",
     ]  # fmt: skip
+    if settings.detect_config:
+        command += ["--config", settings.detect_config]
     for item in settings.detect_extra:
         command += ["--set", f"extra.{item}"]
     result = subprocess.run(command, env=_child_env())
@@ -318,7 +328,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(),
         from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset
 
         config = ExportConfig(size=settings.export_size, mode=settings.export_mode,
-                              seed=settings.seed, workers=workers)  # fmt: skip
+                              roi_mm=settings.export_roi_mm, seed=settings.seed,
+                              workers=workers)  # fmt: skip
         summary = export_yolo_dataset(dev, export_dir, config, overwrite=True)
         return {"export": str(export_dir), "counts": summary["counts"]}
 
@@ -416,6 +427,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detect-epochs", type=int)
     parser.add_argument("--detect-imgsz", type=int)
     parser.add_argument("--export-size", type=int)
+    parser.add_argument("--export-roi-mm", type=float, help="spine window of the YOLO export, mm "
+                        f"({DemoSettings.export_roi_mm:g}; 0: whole slices)")  # fmt: skip
     parser.add_argument("--holdout-fraction", type=float)
 
 
@@ -429,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
         "holdout_fraction": args.holdout_fraction,
     }  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
+    if args.export_roi_mm is not None:
+        changes["export_roi_mm"] = args.export_roi_mm or None  # 0: whole slices
     settings = DemoSettings.paper(**changes) if args.data else DemoSettings(**changes)
     run_demo(args.out, settings, data=args.data)
     return 0

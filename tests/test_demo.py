@@ -66,6 +66,7 @@ def test_settings_validation_and_paper_preset():
     paper = DemoSettings.paper()
     assert (paper.stage1_config, paper.image_size, paper.detect_model, paper.detect_epochs,
             paper.detect_imgsz, paper.mode) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640, "bone")  # fmt: skip
+    assert paper.export_roi_mm is None and paper.detect_config is None  # whole slices, as the paper
 
 
 def test_summary_text_names_outputs_and_metrics():
@@ -128,6 +129,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
     detector = Stage2Model.load(pt)
     assert detector.source == str(pt.with_suffix(".onnx")) and pt.with_suffix(".onnx").is_file()
     assert detector.size == 64 and detector.mode == "bone"
+    assert detector.roi_mm == DemoSettings.export_roi_mm  # the spine window of the export
 
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
