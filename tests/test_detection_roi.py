@@ -33,21 +33,26 @@ def test_roi_sample_is_even_and_independent_of_order():
 
 
 def test_spine_centre_is_the_bone_on_every_slice():
-    """A small bone disc on every slice beats a much bigger bone arc (a jaw) on a third of them."""
-    rows, columns = 96, 128
+    """In a neck (soft tissue in air), a small bone disc on every slice beats a much bigger bone
+    arc (a jaw) on a third of them, and a thick dense table under the neck on all of them."""
+    rows, columns = 112, 128
     yy, xx = np.mgrid[:rows, :columns]
-    disc = (yy - 60) ** 2 + (xx - 70) ** 2 < 6**2
+    neck = (yy - 55) ** 2 / 45**2 + (xx - 64) ** 2 / 55**2 < 1
+    disc = (yy - 62) ** 2 + (xx - 70) ** 2 < 6**2
     arc = (np.abs(np.hypot(yy - 40, xx - 64) - 30) < 3) & (yy < 40)
+    table = (yy >= 101) & (yy < 110)  # 2 px of air (a mattress) under the neck, then the table
     stack = []
     for k in range(30):
-        hu = np.full((rows, columns), 40.0, np.float32)
+        hu = np.full((rows, columns), -1000.0, np.float32)
+        hu[neck] = 40.0
         hu[disc] = 900.0
+        hu[table] = 600.0
         if k < 10:
             hu[arc] = 1600.0
         stack.append(hu)
-    assert arc.sum() > 3 * disc.sum()
+    assert arc.sum() > 3 * disc.sum() and table.sum() > 10 * disc.sum()
     row, column = spine_centre(stack, (1.0, 1.0))
-    assert abs(row - 60) <= 1 and abs(column - 70) <= 1
+    assert abs(row - 62) <= 1 and abs(column - 70) <= 1
     # no bone at all: the slice centre
     assert spine_centre([np.zeros((rows, columns))], (1.0, 1.0)) == ((rows - 1) / 2, (columns - 1) / 2)
     with pytest.raises(ValueError, match="one shape"):

@@ -13,9 +13,12 @@ The window is found per study from the pixels alone, the same way at export and 
    by slice number, so that the export (reading files) and the pipeline (holding the volume)
    look at exactly the same slices;
 2. :func:`spine_centre`: the fraction of those slices where each pixel is bone (``> BONE_HU``),
-   smoothed with a Gaussian of ``SMOOTH_MM``; its maximum is the column, the one bone present
-   on every slice of a neck CT (the mandible and skull base show on the top third only, ribs
-   and clavicles on the bottom slices);
+   smoothed with a Gaussian of ``SMOOTH_MM``; its maximum inside the neck is the column, the one
+   bone present on every slice of a neck CT (the mandible and skull base show on the top third
+   only, ribs and clavicles on the bottom slices). "Inside the neck": the largest region of
+   pixels that are tissue (``> BODY_HU``) on at least half of the slices and ``BODY_MARGIN_MM``
+   away from air, so that a dense scanner table or head holder, on every slice too but outside
+   the body, cannot win;
 3. :class:`SpineRoi` is the square of ``roi_mm`` (in pixels, from the pixel spacing) centred
    there. It may reach past the slice edge: :meth:`SpineRoi.crop` pads with the slice's
    minimum (air), as ``keras_cspine.preprocess.to_model_image`` pads a non-square slice.
@@ -42,6 +45,8 @@ import numpy as np
 ROI_SAMPLE_SLICES = 32
 BONE_HU = 250.0
 SMOOTH_MM = 10.0
+BODY_HU = -300.0
+BODY_MARGIN_MM = 5.0
 
 
 def roi_sample(slice_numbers: Sequence[int], count: int = ROI_SAMPLE_SLICES) -> list[int]:
@@ -69,7 +74,8 @@ def spine_centre(slices_hu: Sequence[np.ndarray], pixel_spacing: Sequence[float]
     """``(row, column)`` of the cervical column in a stack of HU slices of one series.
 
     The maximum of the bone frequency (fraction of slices with ``HU > BONE_HU``), smoothed
-    over ``SMOOTH_MM``. A stack without bone gives the slice centre.
+    over ``SMOOTH_MM``, inside the body (see the module). A stack without bone gives the slice
+    centre.
     """
     from scipy import ndimage
 
@@ -79,11 +85,24 @@ def spine_centre(slices_hu: Sequence[np.ndarray], pixel_spacing: Sequence[float]
     if len(shape) != 2 or any(np.shape(s) != shape for s in slices_hu):
         raise ValueError("the slices of a series must be 2-D and of one shape")
     frequency = np.zeros(shape, np.float32)
+    tissue = np.zeros(shape, np.float32)
     for hu in slices_hu:
-        frequency += np.asarray(hu) > BONE_HU
+        hu = np.asarray(hu)
+        frequency += hu > BONE_HU
+        tissue += hu > BODY_HU
     if not frequency.any():
         return (shape[0] - 1) / 2, (shape[1] - 1) / 2
-    sigma = (SMOOTH_MM / float(pixel_spacing[0]), SMOOTH_MM / float(pixel_spacing[1]))
+    spacing = (float(pixel_spacing[0]), float(pixel_spacing[1]))
+    margin = max(1, int(round(BODY_MARGIN_MM / min(spacing))))
+    body = ndimage.binary_erosion(tissue >= len(slices_hu) / 2, iterations=margin)
+    parts, count = ndimage.label(body)  # the erosion cut thin links (a table under the neck)
+    if count > 1:
+        sizes = ndimage.sum_labels(body, parts, index=np.arange(1, count + 1))
+        body = parts == 1 + int(np.argmax(sizes))
+    body = ndimage.binary_fill_holes(body)
+    if (frequency * body).any():  # else (no body found, e.g. a cropped field of view): all bone
+        frequency *= body
+    sigma = (SMOOTH_MM / spacing[0], SMOOTH_MM / spacing[1])
     smooth = ndimage.gaussian_filter(frequency / len(slices_hu), sigma=sigma, mode="constant")
     row, column = np.unravel_index(int(np.argmax(smooth)), shape)
     return float(row), float(column)
