@@ -182,3 +182,30 @@ def test_export_counts_boxes_outside_the_window(synthetic_data, tmp_path):
     assert (manifest.kind == "positive").any()  # some boxes were kept, not all dropped
     for row in manifest[manifest.kind == "positive"].itertuples():
         assert len(read_label_file(tmp_path / "tiny_roi" / row.label)) == row.n_boxes > 0
+
+
+def test_export_with_an_unreadable_window_slice(synthetic_data, tmp_path):
+    """A slice the window needs that cannot be read stops the export naming the file, or with
+    on_error="skip" leaves that study out, recorded in errors.csv."""
+    import shutil
+
+    from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset
+    from keras_cspine.errors import CSpineDataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data, symlinks=True)
+    boxes = pd.read_csv(data / "train_bounding_boxes.csv", dtype={"StudyInstanceUID": str})
+    uid = boxes.StudyInstanceUID.iloc[0]
+    folder = data / "train_images" / uid
+    number = roi_sample([int(p.stem) for p in folder.glob("*.dcm")])[1]
+    assert number not in set(boxes.slice_number[boxes.StudyInstanceUID == uid])
+    (folder / f"{number}.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(CSpineDataError, match=f"{number}.dcm"):
+        export_yolo_dataset(data, tmp_path / "strict", ExportConfig(size=32, roi_mm=100.0),
+                            progress=False)  # fmt: skip
+    summary = export_yolo_dataset(data, tmp_path / "skip", ExportConfig(
+        size=32, roi_mm=100.0, on_error="skip", holdout=True), progress=False)  # fmt: skip
+    errors = pd.read_csv(tmp_path / "skip" / "errors.csv")
+    assert errors.path.str.endswith(f"{number}.dcm").any()
+    assert uid not in set(load_manifest(tmp_path / "skip").StudyInstanceUID)
+    assert summary["errors"] >= 1

@@ -476,18 +476,26 @@ def _prepare_out(out: Path, digest: str, overwrite: bool) -> dict[str, dict]:
     return done
 
 
-def _with_rois(items: list[ExportItem], config: ExportConfig, progress: bool) -> list[ExportItem]:
+def _with_rois(items: list[ExportItem], config: ExportConfig, errors: list[dict[str, str]],
+               progress: bool) -> list[ExportItem]:  # fmt: skip
     """The items with their study's spine window (``keras_cspine.detection.roi``), found from a
-    few slices of each study."""
+    few slices of each study. A study whose slices cannot be read raises, or with
+    ``on_error="skip"`` is recorded in ``errors`` and left out."""
     from tqdm.auto import tqdm
 
     from keras_cspine.detection.roi import read_study_roi
 
-    folders = sorted({Path(item.source).parent for item in items})
-    rois = {folder: read_study_roi(folder, config.roi_mm, config.decoder).to_json()
-            for folder in tqdm(folders, desc="spine windows", unit="study",
-                               disable=not progress)}  # fmt: skip
-    return [dataclasses.replace(item, roi=tuple(rois[Path(item.source).parent])) for item in items]
+    rois = {}
+    for folder in tqdm(sorted({Path(item.source).parent for item in items}), desc="spine windows",
+                       unit="study", disable=not progress):  # fmt: skip
+        try:
+            rois[folder] = tuple(read_study_roi(folder, config.roi_mm, config.decoder).to_json())
+        except CSpineDataError as err:
+            if config.on_error == "raise":
+                raise
+            errors.append({"path": str(err.path or folder), "problem": err.problem})
+    return [dataclasses.replace(item, roi=rois[Path(item.source).parent])
+            for item in items if Path(item.source).parent in rois]  # fmt: skip
 
 
 def export_yolo_dataset(
@@ -515,9 +523,9 @@ def export_yolo_dataset(
     errors: list[dict[str, str]] = []
     items, info = plan_export(data_dir, config, errors)
     digest = _settings_digest(config, data_dir, info["inputs_sha1"])
-    if config.roi_mm is not None:
-        items = _with_rois(items, config, progress)
     done = _prepare_out(out, digest, overwrite)
+    if config.roi_mm is not None:
+        items = _with_rois(items, config, errors, progress)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "export.json", {"digest": digest, "complete": False, "config": asdict(config)})
 
