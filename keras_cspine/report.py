@@ -107,7 +107,9 @@ def figure_overview(result: StudyResult, threshold: float = 0.5):
 
 
 def figure_key_slices(result: StudyResult, ncols: int = 4):
-    """The slices with the strongest boxes (``result.key_slices``), boxes drawn and labelled."""
+    """The slices with the strongest boxes (``result.key_slices``), boxes drawn and labelled;
+    with a stage 2 spine window (``info["stage2_roi"]``), its outline, dashed: what the detector
+    looked at."""
     from matplotlib.patches import Rectangle
 
     plt = _pyplot()
@@ -122,8 +124,16 @@ def figure_key_slices(result: StudyResult, ncols: int = 4):
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.5 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    window = result.info.get("stage2_roi")
     for ax, number in zip(axes.ravel(), numbers):
-        ax.imshow(result.key_slices[number], cmap="gray")
+        image = result.key_slices[number]
+        ax.imshow(image, cmap="gray")
+        if window:
+            top, left, side = window
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False,
+                                   edgecolor="gold", linestyle="--", linewidth=1))  # fmt: skip
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)
+            ax.set_ylim(image.shape[0] - 0.5, -0.5)
         best = 0.0
         for box in result.boxes:
             if box.slice_number != number:

@@ -72,6 +72,13 @@ def test_key_slices_show_each_box_with_its_score():
     assert [t.get_text() for t in ax.texts] == ["0.80 C2"]
     empty = figure_key_slices(make_result(with_boxes=False))
     assert "no fracture box" in empty.axes[0].texts[0].get_text()
+    # a detector on spine windows: the window is outlined (dashed), the view stays the slice
+    result = make_result()
+    result.info["stage2_roi"] = [-4, 5, 30]
+    ax = figure_key_slices(result).axes[0]
+    (window,) = [p for p in ax.patches if p.get_linestyle() == "--"]
+    assert (window.get_x(), window.get_y(), window.get_width()) == (4.5, -4.5, 30)
+    assert ax.get_xlim() == (-0.5, 39.5) and ax.get_ylim() == (47.5, -0.5)
 
 
 @pytest.mark.parametrize("fmt, name", [("html", "report.html"), ("markdown", "report.md")])
