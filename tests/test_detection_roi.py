@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers_cli import run_cli
+from helpers_images import assert_label_on_bright_block
 
 from keras_cspine.detection.roi import (
     SpineRoi,
@@ -101,13 +102,8 @@ def test_label_lands_on_the_rendered_object_in_the_window():
     hu[y : y + h, x : x + w] = 1500.0
     roi = SpineRoi(top=20, left=50, side=45)
     image = to_model_image(roi.crop(hu), mode="bone", size=90)
-    (cx, cy, bw, bh), _ = roi.yolo_label((x, y, w, h), 90, 120)
-    bright = np.argwhere(image[..., 0] > 128)
-    (y1, x1), (y2, x2) = bright.min(0), bright.max(0) + 1
-    assert (x1 + x2) / 2 / 90 == pytest.approx(cx, abs=1.5 / 90)
-    assert (y1 + y2) / 2 / 90 == pytest.approx(cy, abs=1.5 / 90)
-    assert (x2 - x1) / 90 == pytest.approx(bw, abs=2.5 / 90)
-    assert (y2 - y1) / 90 == pytest.approx(bh, abs=2.5 / 90)
+    label, _ = roi.yolo_label((x, y, w, h), 90, 120)
+    assert_label_on_bright_block(image, label, size_tol=2.5)
 
 
 def test_synthetic_fractures_lie_inside_the_window(synthetic_data):
