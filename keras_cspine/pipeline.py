@@ -455,17 +455,21 @@ class Stage1Model:
 # --------------------------------------------------------------------------------------------
 # Stage 2
 # --------------------------------------------------------------------------------------------
-def _stage2_settings(weights: Path) -> dict[str, Any]:
-    """Image mode and size of the YOLO export a detection run was trained on."""
+def _stage2_settings(weights: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Image mode, size and spine window of the YOLO export a detector was trained on: from the
+    ONNX metadata (``keras_cspine export_onnx`` writes them there), else through the detection
+    run's ``run.json``."""
+    from keras_cspine.detection.yolo_dataset import EXPORT_METADATA_KEY, export_image_settings
+
+    if EXPORT_METADATA_KEY in metadata:
+        return json.loads(metadata[EXPORT_METADATA_KEY])
     for run_dir in (weights.parent.parent, weights.parent):
         run_json = run_dir / "run.json"
-        if not run_json.is_file():
-            continue
-        data_yaml = json.loads(run_json.read_text(encoding="utf-8")).get("data")
-        export_json = Path(data_yaml).parent / "export.json" if data_yaml else None
-        if export_json is not None and export_json.is_file():
-            config = json.loads(export_json.read_text(encoding="utf-8")).get("config", {})
-            return {k: config[k] for k in ("mode", "size", "roi_mm") if k in config}
+        if run_json.is_file():
+            data_yaml = json.loads(run_json.read_text(encoding="utf-8")).get("data")
+            settings = export_image_settings(data_yaml)
+            if settings:
+                return settings
     return {}
 
 
@@ -527,8 +531,8 @@ class Stage2Model:
             path = pt_to_onnx(path)
         elif path.suffix != ".onnx":
             raise CSpineDataError(path, "stage 2 model must be a .onnx or .pt file")
-        settings = _stage2_settings(path)
         detector = OnnxDetector(path, conf=conf, iou=iou, threads=threads)
+        settings = _stage2_settings(path, detector.metadata)
         return cls(detector, mode=mode or settings.get("mode", "bone"),
                    size=size or settings.get("size"), roi_mm=settings.get("roi_mm"),
                    source=str(path))  # fmt: skip

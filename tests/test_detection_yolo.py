@@ -398,6 +398,25 @@ def test_onnx_predictor_on_spine_windows_matches_the_export(trained, synthetic_d
 
 
 @pytest.mark.slow
+def test_onnx_file_carries_the_export_settings(trained, tmp_path):
+    """The ONNX says how its training images were rendered, so a copy far from its run and its
+    export still gets slices rendered the same way by the pipeline."""
+    import shutil
+
+    from keras_cspine.detection.yolo_dataset import EXPORT_METADATA_KEY
+    from keras_cspine.pipeline import Stage2Model
+
+    onnx = trained["run"] / "weights" / "best.onnx"
+    expected = {"mode": "bone", "size": 64, "roi_mm": None}
+    assert json.loads(OnnxDetector(onnx).metadata[EXPORT_METADATA_KEY]) == expected
+    copy = tmp_path / "alone" / "detector.onnx"
+    copy.parent.mkdir()
+    shutil.copy(onnx, copy)
+    described = Stage2Model.load(copy).describe()
+    assert {k: described[k] for k in expected} == expected
+
+
+@pytest.mark.slow
 def test_predict_command(trained, tmp_path):
     onnx = trained["run"] / "weights" / "best.onnx"
     image = sorted((trained["export"] / "images" / "val").glob("*.png"))[0]

@@ -36,9 +36,13 @@ import yaml
 
 from keras_cspine.detection import metrics as dm
 from keras_cspine.detection.offline import import_ultralytics
-from keras_cspine.detection.yolo_dataset import label_boxes_xyxy
+from keras_cspine.detection.yolo_dataset import (
+    EXPORT_METADATA_KEY,
+    export_image_settings,
+    label_boxes_xyxy,
+)
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.utils import write_json
+from keras_cspine.utils import atomic_path, write_json
 
 #: Architectures built from Ultralytics' bundled .yaml files (random initialisation).
 MODEL_NAMES = tuple(f"yolov{v}{s}" for v in (8, 5) for s in "nsmlx")
@@ -322,7 +326,13 @@ def export_onnx(
     weights: str | os.PathLike, out: str | os.PathLike | None = None, imgsz: int | None = None,
     opset: int | None = None,
 ) -> Path:  # fmt: skip
-    """Export ``weights`` (.pt) to ONNX (static batch 1, no NMS inside); return the .onnx path."""
+    """Export ``weights`` (.pt) to ONNX (static batch 1, no NMS inside); return the .onnx path.
+
+    The ONNX metadata gets ``keras_cspine_export`` (JSON: ``mode``, ``size``, ``roi_mm`` of the
+    YOLO export the weights were trained on, found through the checkpoint's ``train_args``), so
+    that the file alone tells ``pipeline.Stage2Model`` how to render slices for it, wherever it
+    is copied.
+    """
     weights = Path(weights)
     if not weights.is_file():
         raise CSpineDataError(weights, "weights file not found")
@@ -336,11 +346,28 @@ def export_onnx(
     if opset:
         kwargs["opset"] = opset
     produced = Path(model.export(**kwargs))
+    settings = export_image_settings((model.ckpt or {}).get("train_args", {}).get("data"))
+    if settings:
+        _add_onnx_metadata(produced, {EXPORT_METADATA_KEY: json.dumps(settings)})
     if out is not None and Path(out).resolve() != produced.resolve():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         os.replace(produced, out)
         produced = Path(out)
     return produced
+
+
+def _add_onnx_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in props.items():
+        entry = next((p for p in model.metadata_props if p.key == key), None)
+        if entry is None:
+            entry = model.metadata_props.add()
+            entry.key = key
+        entry.value = value
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _build_model(config: DetectTrainConfig):

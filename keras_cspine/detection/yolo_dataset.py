@@ -633,6 +633,23 @@ def export_yolo_dataset(
     return summary
 
 
+#: ONNX metadata key holding the image settings of the YOLO export a detector was trained on
+#: (written by ``ultralytics_train.export_onnx``, read by ``pipeline.Stage2Model``).
+EXPORT_METADATA_KEY = "keras_cspine_export"
+
+
+def export_image_settings(data_yaml: str | os.PathLike | None) -> dict[str, Any]:
+    """``mode``, ``size`` and ``roi_mm`` of the YOLO export whose ``data.yaml`` is given (from its
+    ``export.json``); empty when that is not a keras_cspine export (or is gone)."""
+    if not data_yaml:
+        return {}
+    export_json = Path(data_yaml).parent / "export.json"
+    if not export_json.is_file():
+        return {}
+    config = json.loads(export_json.read_text(encoding="utf-8")).get("config", {})
+    return {k: config[k] for k in ("mode", "size", "roi_mm") if k in config}
+
+
 def load_manifest(export_dir: str | os.PathLike):
     """``manifest.csv`` of an export as a DataFrame (``boxes`` parsed)."""
     import pandas as pd
