@@ -26,6 +26,9 @@ The run directory (``--run-dir``, default ``runs/<config name>``) holds:
 - ``backup/``: the BackupAndRestore state while training runs: rerunning the same command after a
   kill resumes at the next epoch (the checkpoint's best score is restored from the log;
   ReduceLROnPlateau and EarlyStopping counters restart, the learning rate itself is restored);
+- ``fit_done.json``: written when the classifier's fit ends (and updated once the sequence model
+  is saved), removed with the finished run's ``summary.json``: a run killed after the fit (while
+  the sequence model trains or the evaluation runs) resumes after it, not from scratch;
 - after training, the evaluation of :mod:`keras_cspine.evaluate` on the test split (or the
   validation split when there is no test split): ``metrics.json``, ``table1_row.csv``,
   ``table2.csv``/``.md``, ``predictions.csv`` and ``figures/loss_curves.png`` (Figure 6).
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import math
 import os
 import sys
@@ -56,6 +60,7 @@ from keras_cspine.sequence_model import SEQUENCE_MODEL_FILE, SequenceConfig
 from keras_cspine.utils import seed_everything, write_json
 
 DEFAULT_CONFIG = "stage1_synthetic_small"
+FIT_DONE_FILE = "fit_done.json"  # the classifier's fit ended (see the module)
 MONITOR = "val_f1_score"
 
 
@@ -493,20 +498,21 @@ def train_stage1(
     Args:
         config: the resolved run configuration.
         data: a prepare folder or a raw RSNA-layout folder (prepared first).
-        run_dir: the run directory (created). A run directory holding a ``backup/`` resumes;
-            one holding a finished run is refused unless ``overwrite``.
+        run_dir: the run directory (created). A run directory holding a ``backup/`` resumes
+            the fit; one holding ``fit_done.json`` resumes after it; one holding a finished run
+            is refused unless ``overwrite``.
         prepared_dir: where to prepare a raw folder.
         extra_callbacks: appended after the run's own callbacks (after the backup).
         overwrite: start afresh in a run directory holding a finished run.
         verbose: passed to ``model.fit``.
     """
-    keras = _keras()
-    from keras_cspine.data import EpochSync, KeepFreedMemory, split_prepared
+    from keras_cspine.data import split_prepared
 
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     backup_dir = run_dir / "backup"
     log_path = run_dir / "training_log.csv"
+    fit_done_path = run_dir / FIT_DONE_FILE
     if summary_path.exists() and not backup_dir.exists():
         if not overwrite:
             raise FileExistsError(
@@ -514,19 +520,22 @@ def train_stage1(
                 f"pass --overwrite"
             )
         for name in ("summary.json", "training_log.csv", "history.json", "model.keras",
-                     SEQUENCE_MODEL_FILE):
+                     SEQUENCE_MODEL_FILE, FIT_DONE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
-    resuming = backup_dir.exists()
-    if not resuming:
-        for stale in (log_path, run_dir / SEQUENCE_MODEL_FILE):  # from a run that cannot resume
+    fit_done = None
+    if fit_done_path.is_file() and not backup_dir.exists() and (run_dir / "model.keras").is_file():
+        fit_done = json.loads(fit_done_path.read_text(encoding="utf-8"))
+    resuming = backup_dir.exists() or fit_done is not None
+    if not resuming:  # from a run that cannot resume
+        for stale in (log_path, run_dir / SEQUENCE_MODEL_FILE, fit_done_path):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared = resolve_prepared(data, config, prepared_dir)
     seed_everything(config.train.seed)
-    keras.utils.set_random_seed(config.train.seed)
+    _keras().utils.set_random_seed(config.train.seed)
     splits = split_prepared(
         prepared, config.data.val_fraction, config.data.test_fraction, config.data.split_seed
     )
@@ -538,7 +547,43 @@ def train_stage1(
     sequences = make_sequences(config, prepared, splits)
     train_seq, val_seq = sequences["train"], sequences["val"]
     write_json(run_dir / "data.json", {k: s.get_config() for k, s in sequences.items()})
+    fitted_now = fit_done is None
+    if fitted_now:
+        fit_done = _fit_classifier(config, run_dir, train_seq, val_seq, extra_callbacks, verbose)
+        write_json(fit_done_path, fit_done)
+    summary: dict[str, Any] = {
+        "name": config.name,
+        "model": config.model.name,
+        **{k: fit_done[k] for k in ("epochs_run", "best_val_f1_score", "parameters")},
+        "train_seconds_this_session": fit_done["train_seconds"] if fitted_now else 0.0,
+        "resumed": resuming,
+        "config": dump_config(config),
+    }
+    if config.sequence.enabled:
+        done = fit_done.get("sequence_model")
+        if done is None or not (run_dir / SEQUENCE_MODEL_FILE).is_file():
+            done = train_sequence_model(config, prepared, splits, run_dir,
+                                        verbose=0 if verbose == 0 else 2)  # fmt: skip
+            write_json(fit_done_path, {**fit_done, "sequence_model": done})
+        summary["sequence_model"] = done
+    if config.train.evaluate:
+        from keras_cspine.evaluate import evaluate_run
 
+        split = "test" if splits["test"] else "val"
+        summary["evaluation"] = evaluate_run(run_dir, split=split)
+    write_json(summary_path, summary)
+    return summary
+
+
+def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
+                    extra_callbacks: Sequence, verbose) -> dict[str, Any]:  # fmt: skip
+    """``model.fit`` with the run's callbacks (resuming from ``backup/``); writes
+    ``history.json``; returns what ``fit_done.json`` keeps of it."""
+    keras = _keras()
+    from keras_cspine.data import EpochSync, KeepFreedMemory
+
+    backup_dir = run_dir / "backup"
+    log_path = run_dir / "training_log.csv"
     previous = history_from_log(log_path).get(MONITOR, [])
     best_so_far = None if math.isnan(_nanmax(previous)) else _nanmax(previous)
     callbacks = [
@@ -582,27 +627,12 @@ def train_stage1(
     write_json(run_dir / "history.json", history)
     from keras_cspine.models.baselines import count_parameters
 
-    summary: dict[str, Any] = {
-        "name": config.name,
-        "model": config.model.name,
+    return {
         "epochs_run": len(history.get("epoch", [])),
         "best_val_f1_score": _nanmax(history.get(MONITOR, [])),
-        "train_seconds_this_session": round(time.time() - started, 1),
-        "resumed": resuming,
+        "train_seconds": round(time.time() - started, 1),
         "parameters": count_parameters(model),
-        "config": dump_config(config),
     }
-    if config.sequence.enabled:
-        summary["sequence_model"] = train_sequence_model(
-            config, prepared, splits, run_dir, verbose=0 if verbose == 0 else 2
-        )
-    if config.train.evaluate:
-        from keras_cspine.evaluate import evaluate_run
-
-        split = "test" if splits["test"] else "val"
-        summary["evaluation"] = evaluate_run(run_dir, split=split)
-    write_json(summary_path, summary)
-    return summary
 
 
 def train_sequence_model(config: Stage1Config, prepared: str | os.PathLike,

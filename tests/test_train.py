@@ -233,3 +233,39 @@ def test_sequence_model_follows_the_config(prepared, tmp_path):
                            overwrite=True, verbose=0)  # fmt: skip
     assert "sequence_model" not in summary
     assert not (run_dir / "sequence_model.keras").exists()
+
+
+def test_run_killed_after_the_fit_resumes_after_it(prepared, tmp_path, monkeypatch):
+    """A kill while the evaluation runs (after the fit and the sequence model) costs neither
+    again: the rerun only evaluates. --overwrite then starts afresh."""
+    import keras_cspine.evaluate
+
+    config = _config("model.name=metadata_only", "train.epochs=2")
+    run_dir = tmp_path / "run"
+    real_evaluate = keras_cspine.evaluate.evaluate_run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the evaluation")
+
+    monkeypatch.setattr(keras_cspine.evaluate, "evaluate_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(config, prepared, run_dir, verbose=0)
+    assert not (run_dir / "backup").exists() and not (run_dir / "summary.json").exists()
+    fit_done = json.loads((run_dir / "fit_done.json").read_text())
+    assert fit_done["epochs_run"] == 2 and fit_done["sequence_model"]["epochs_run"] >= 1
+    sequence_mtime = (run_dir / "sequence_model.keras").stat().st_mtime_ns
+
+    monkeypatch.setattr(keras_cspine.evaluate, "evaluate_run", real_evaluate)
+    epochs = _Epochs()
+    summary = train_stage1(config, prepared, run_dir, extra_callbacks=[epochs], verbose=0)
+    assert epochs.seen == []  # no epoch again
+    assert (run_dir / "sequence_model.keras").stat().st_mtime_ns == sequence_mtime  # not refit
+    assert summary["resumed"] and summary["epochs_run"] == 2
+    assert summary["train_seconds_this_session"] == 0.0
+    assert summary["sequence_model"] == fit_done["sequence_model"]
+    assert "metrics_sequence_model" in summary["evaluation"]
+    assert history_from_log(run_dir / "training_log.csv")["epoch"] == [0.0, 1.0]
+
+    epochs = _Epochs()
+    train_stage1(config, prepared, run_dir, extra_callbacks=[epochs], overwrite=True, verbose=0)
+    assert epochs.seen == [0, 1]  # a finished run overwritten trains from scratch
