@@ -4,8 +4,8 @@ Beyond the paper, which feeds the whole slice to YOLO. The column fills a small 
 CT slice (on the synthetic ``small`` preset about a quarter of the field of view), and fracture
 lines are a few pixels wide: giving the detector only a window of ``roi_mm`` around the column,
 rendered at the detector's size, enlarges the bone as a bigger image would, at a fraction of its
-cost, and drops the jaw, skull and shoulders as distractions. The strongest RSNA 2022 solutions
-crop to the vertebrae for the same reason.
+cost, and drops the jaw, skull and shoulders as distractions. Many RSNA 2022 solutions cropped
+to the vertebrae for the same reason.
 
 The window is found per study from the pixels alone, the same way at export and at inference:
 
@@ -29,8 +29,8 @@ in the window image back into native slice pixels.
 
 On the synthetic ``small`` studies every fracture box lies within 49 mm of the centre found this
 way (99% within 42 mm), so the synthetic config's ``roi_mm: 100`` holds them all. On other data,
-check ``export.json``'s ``outside_roi`` count: positive slices whose boxes fell outside the
-window are left out of the export and counted there.
+check ``export.json``'s ``outside_roi`` count: boxes that fall outside the window are left out
+of the export and counted there.
 """
 
 from __future__ import annotations
