@@ -525,7 +525,11 @@ def train_stage1(
                 (run_dir / name).unlink()
     fit_done = None
     if fit_done_path.is_file() and not backup_dir.exists() and (run_dir / "model.keras").is_file():
-        fit_done = json.loads(fit_done_path.read_text(encoding="utf-8"))
+        try:
+            fit_done = json.loads(fit_done_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CSpineDataError(fit_done_path, f"unreadable ({err}); delete it to train this "
+                                  "run's classifier again, or pass another --run-dir") from err
     resuming = backup_dir.exists() or fit_done is not None
     if not resuming:  # from a run that cannot resume
         for stale in (log_path, run_dir / SEQUENCE_MODEL_FILE, fit_done_path):

@@ -269,3 +269,8 @@ def test_run_killed_after_the_fit_resumes_after_it(prepared, tmp_path, monkeypat
     epochs = _Epochs()
     train_stage1(config, prepared, run_dir, extra_callbacks=[epochs], overwrite=True, verbose=0)
     assert epochs.seen == [0, 1]  # a finished run overwritten trains from scratch
+
+    (run_dir / "summary.json").unlink()  # a killed run again, whose marker is damaged
+    (run_dir / "fit_done.json").write_text('{"epochs_run": 2, "best')
+    with pytest.raises(CSpineDataError, match="fit_done.json"):
+        train_stage1(config, prepared, run_dir, verbose=0)
