@@ -1,7 +1,7 @@
 """Does ``model.fit`` on a CSpineSequence lose its time in the kernel? With and without
 :class:`keras_cspine.data.KeepFreedMemory`, side by side.
 
-Serves the paper's Section 3 training setup (the generator fed through ``tf.data``). TensorFlow's
+Serves the paper's Section 2.5 training setup (the generator fed through ``tf.data``). TensorFlow's
 generator dataset lowers glibc's trim threshold, which turns every large tensor into an
 mmap/munmap pair with fresh page faults each step. Each variant runs in its own process (the
 malloc setting is process-wide): ``fit`` for a warm-up epoch, then timed epochs; the wall, user

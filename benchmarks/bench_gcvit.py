@@ -1,4 +1,4 @@
-"""GCViT forward throughput: our Keras 3 GCViT against timm's (paper Section 3.2 backbone).
+"""GCViT forward throughput: our Keras 3 GCViT against timm's (paper Section 2.5 backbone).
 
 Measures images/s of a GCViT (default gcvit_tiny, batch 8, 224 px, random weights, inference) on
 the CPU for:

@@ -1,6 +1,6 @@
 """Is the stage 1 input pipeline fast enough? CSpineSequence images/s vs model training images/s.
 
-Serves the paper's Section 3 training setup at its 224 px input: the generator reads the prepare
+Serves the paper's Section 2.5 training setup at its 224 px input: the generator reads the prepare
 cache (memory-mapped) and augments on the fly; this prints its throughput beside the training
 throughput of a registry model and their ratio (> 1: the generator keeps up).
 

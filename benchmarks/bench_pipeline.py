@@ -1,11 +1,11 @@
 """End-to-end speed of the two-stage pipeline on CPU: seconds per study, gated against ungated.
 
-Serves the paper's Figure 1 system as a deployable pipeline: one synthetic study of ``--slices``
-axial slices (default 300, 512 x 512, written once into ``--out``) goes through
-``keras_cspine.pipeline.predict_study`` and the report of ``keras_cspine.report``, with stage 2
-gated by stage 1 (the default) and not gated. Printed: seconds per study for both, their ratio,
-the share of the time in each step (read, stage 1, stage 2, report) and the fraction of slices
-stage 2 saw. Results go to ``OUT/bench_pipeline.json``.
+Serves the paper's two-stage system (Sections 2.5-2.6) as a deployable pipeline: one synthetic
+study of ``--slices`` axial slices (default 300, 512 x 512, written once into ``--out``) goes
+through ``keras_cspine.pipeline.predict_study`` and the report of ``keras_cspine.report``, with
+stage 2 gated by stage 1 (the default) and not gated. Printed: seconds per study for both, their
+ratio, the share of the time in each step (read, stage 1, stage 2, report) and the fraction of
+slices stage 2 saw. Results go to ``OUT/bench_pipeline.json``.
 
 Models: ``--stage1`` / ``--stage2`` (run directories or files), by default the newest runs under
 ``--runs`` (e.g. those of ``make demo``); without any, random models of the demo's sizes are

@@ -2,7 +2,8 @@
 
 In one run, on one synthetic JPEG-lossless study (600 slices of 512 x 512 by default):
 - naive: for each file, pydicom read + Algorithm 1 (YBR_FULL workaround, min-max, uint8, RGB) +
-  resize to the model size, one slice at a time in one process (what the paper's code does);
+  resize to the model size, one slice at a time in one process (Algorithm 1 as the paper writes
+  it, Section 2.4);
 - ours: `keras_cspine.prepare.prepare_dataset(mode="paper")`, chunks of slices over all cores,
   dicomsdl decoding when installed, writing the memory-mapped cache.
 Prints slices per second for both, their ratio, and the peak memory (RSS of the whole process

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("keras_cspine.pipeline", "two-stage inference: studies in, findings out"),
     "reproduce": ("keras_cspine.reproduce", "reproduce a paper table (table1, table3)"),
     "demo": ("keras_cspine.demo", "the whole pipeline on a small synthetic dataset"),
+    "weights": ("keras_cspine.pretrained", "pretrained weights: list, fetch (the only download), add"),
 }
 
 

@@ -1,6 +1,6 @@
 """Stage 1 input pipeline: :class:`CSpineSequence`, a ``keras.utils.PyDataset`` over prepared slices.
 
-Serves the paper's Section 3 (vertebrae classification): each axial slice is one sample with
+Serves the paper's Section 2.5 (vertebrae classification): each axial slice is one sample with
 two inputs, the slice image and its metadata (image position and slice ratio), and seven 0/1
 targets, the presence of C1..C7 on the slice.
 

@@ -8,12 +8,14 @@ the paper's configurations), in this order:
 2. ``split``: held-out studies set aside for the end (stratified by ``patient_overall``), and a
    development view of the dataset without them (links, nothing copied) that both stages train on;
 3. ``prepare``: the slice index and image cache of the development studies with segmentations
-   (Algorithm 1 / window modes, Section 3.2);
-4. ``look``: figures of slices with their labels and boxes (Figure 4 style), sagittal overviews;
-5. ``detect_export``: the YOLO dataset of the fracture boxes plus negatives (Section 3.3);
+   (the paper's Algorithm 1, Section 2.4, or HU window modes);
+4. ``look``: figures of slices with their labels and boxes (the paper's Figure 4 style), sagittal
+   overviews;
+5. ``detect_export``: the YOLO dataset of the fracture boxes plus negatives (Section 2.6);
 6. ``detect_train``: stage 2, a YOLO detector, trained in a subprocess (torch must not share a
-   process with TensorFlow), validated (Table 3 metrics) and exported to ONNX;
-7. ``stage1``: stage 1, the two-input GCViT vertebrae classifier (Tables 1-2, Figure 6);
+   process with TensorFlow), validated (the metrics of Table 3, Section 3) and exported to ONNX;
+7. ``stage1``: stage 1, the two-input GCViT vertebrae classifier (Section 2.5; Tables 1-2 and
+   Figure 6 of Section 3);
 8. ``predict``: the two-stage pipeline (``keras_cspine.pipeline``) on the held-out studies, with
    the per-study reports, the submission and the study-level evaluation (competition metric,
    AUCs) against ``train.csv``.

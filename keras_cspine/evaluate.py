@@ -1,9 +1,9 @@
 """Stage 1 evaluation: ``python -m keras_cspine evaluate RUN_DIR [--split test]``.
 
-Serves the paper's Section 4: Table 1 (macro F1, exact match ratio, coverage error, trainable and
-non-trainable parameters), Table 2 (the per-class ``classification_report``) and Figure 6 (the
-training and validation loss curves). All metrics come from scikit-learn on one set of per-slice
-predictions of the run's best model (``model.keras``) on a held-out split of studies.
+Serves the paper's Section 3 (results): Table 1 (macro F1, exact match ratio, coverage error,
+trainable and non-trainable parameters), Table 2 (the per-class ``classification_report``) and
+Figure 6 (the training and validation loss curves). All metrics come from scikit-learn on one set
+of per-slice predictions of the run's best model (``model.keras``) on a held-out split of studies.
 
 Files written into the run directory (atomically):
 

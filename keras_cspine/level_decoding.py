@@ -1,6 +1,6 @@
 """Stage 1, beyond the paper: decode a study's per-slice vertebra probabilities as one sequence.
 
-The paper's classifier (Section 3.2) labels every axial slice on its own. Along a study the truth
+The paper's classifier (Section 2.5) labels every axial slice on its own. Along a study the truth
 is far from arbitrary: going from head to feet the label sets follow the spine, C1, C1+C2, C2,
 C2+C3 (or an empty disc slice), C3, ... C7, each vertebra in one unbroken run, never back up,
 and each at least some millimetres tall. :class:`LevelDecoder` is a hidden Markov model over those

@@ -1,4 +1,4 @@
-"""Stage 1 metrics (paper Section 4, Tables 1 and 2) and the RSNA 2022 competition metric.
+"""Stage 1 metrics (paper Section 3, Tables 1 and 2) and the RSNA 2022 competition metric.
 
 The paper scores the vertebra classifier with scikit-learn on the same per-slice predictions:
 

@@ -1,12 +1,12 @@
-"""Two-stage inference: ``python -m keras_cspine predict INPUT --out OUT`` (paper Section 3, Figure 1).
+"""Two-stage inference: ``python -m keras_cspine predict INPUT --out OUT`` (the paper's two stages).
 
-The paper's system runs two models one after the other on every axial slice of a CT study:
+The paper's system has two models, both applied to the axial slices of a CT study:
 
-1. **stage 1**, vertebrae classification (Section 3.2): the two-input GCViT (or a baseline) gives
+1. **stage 1**, vertebrae classification (Section 2.5): the two-input GCViT (or a baseline) gives
    each slice the probabilities that C1..C7 are present on it;
-2. **stage 2**, fracture detection (Section 3.3): a YOLO detector draws fracture boxes.
+2. **stage 2**, fracture detection (Section 2.6): a YOLO detector draws fracture boxes.
 
-This module joins them into study-level findings:
+This module (not the paper) joins them into study-level findings:
 
 - a study folder is read in series order (superior -> inferior) by :mod:`keras_cspine.io.dicom`;
 - stage 1 runs on every slice (:class:`Stage1Model`, the ``.keras`` of a training run, with the

@@ -1,4 +1,4 @@
-"""Prepare: the slice index and the model-ready image cache (the paper's data preparation).
+"""Prepare: the slice index and the model-ready image cache (the paper's preprocessing, Sec. 2.4).
 
 ``python -m keras_cspine prepare DATA_DIR OUT --size 224 --mode bone`` reads every study of an
 RSNA-layout folder once and writes (see docs/internals.md for the contract):

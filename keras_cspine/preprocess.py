@@ -1,9 +1,11 @@
-"""Slice preprocessing: the paper's Algorithm 1 and Hounsfield-window modes (paper, section 3.2
-"Data preprocessing", Algorithm 1).
+"""Slice preprocessing: the paper's Algorithm 1 (paper Section 2.4, preprocessing) and
+Hounsfield-window modes.
 
-Algorithm 1 of the paper reads each slice with pydicom, sets PhotometricInterpretation to
-"YBR_FULL" (a workaround for pylibjpeg and JPEG-lossless slices), takes the pixel array, min-max
-normalises it per slice, casts to uint8 and repeats the grey image into three RGB channels.
+Algorithm 1 of the paper reads each slice (pydicom-style ``dcmread``), sets
+PhotometricInterpretation to "YBR_FULL", takes the pixel array, min-max normalises it per slice,
+casts to uint8 and repeats the grey image into three RGB channels. (Our reading of the YBR_FULL
+step: the usual workaround for decoding JPEG-lossless RSNA slices with pylibjpeg. The decoders
+used here, pylibjpeg, GDCM or dicomsdl, are this package's choice.)
 :func:`paper_algorithm1` does exactly that on a file. :func:`to_model_image` turns a float32 HU
 slice (from :func:`keras_cspine.io.dicom.read_slice`) into the model's uint8 RGB image, in one of
 these modes:
@@ -12,7 +14,8 @@ these modes:
 ``"paper"``             per-slice min-max of the slice, grey -> RGB: Algorithm 1 on the HU array
                         (equal to :func:`paper_algorithm1` within one grey level).
 ``"bone"``              bone window, level 400 / width 1800 HU, repeated into three channels.
-``"multiwindow"``       three windows as three channels: (500, 1800), (400, 650), (80, 300).
+``"multiwindow"``       three windows as three channels: (500, 1800), (400, 650), (80, 300)
+                        (this package's addition, after strong RSNA 2022 solutions).
 ``"hu"``                float32 HU clipped to [-1024, 3071], three equal channels (research).
 ======================  ======================================================================
 
@@ -137,15 +140,17 @@ def apply_window(hu: np.ndarray, window: Window | str) -> np.ndarray:
 def paper_algorithm1(path: str | os.PathLike) -> np.ndarray:
     """The paper's Algorithm 1 on one DICOM file: uint8 ``(rows, columns, 3)``.
 
-    Steps, as published: ``dcmread``; ``PhotometricInterpretation = "YBR_FULL"`` on the dataset
-    (the paper's workaround for pylibjpeg and JPEG-lossless slices); ``pixel_array``;
-    ``data - min``, then ``/ max`` when max is not 0; ``(data * 255).astype(uint8)``; grey -> RGB.
+    Steps, as published (paper Section 2.4): ``dcmread``; ``PhotometricInterpretation =
+    "YBR_FULL"`` on the dataset (our reading: the usual workaround for decoding JPEG-lossless
+    slices with pylibjpeg); ``pixel_array``; ``data - min``, then ``/ max`` when max is not 0;
+    ``(data * 255).astype(uint8)``; grey -> RGB.
 
-    Two adaptations keep it running under pydicom 3 without changing its result: pydicom 3
-    would convert a "YBR_FULL" array to RGB (pydicom 2, which the paper used, did not for one
-    sample per pixel, and pydicom 3 refuses 16-bit data), so ``as_rgb=False`` is set; and the
-    pylibjpeg plugin is preferred (the paper's decoder; GDCM aborts the process on JPEG 2000 slices
-    relabelled "YBR_FULL"). Rescale slope/intercept are not applied, as in the paper.
+    Two adaptations of this package keep it running under pydicom 3 without changing its
+    result: pydicom 3 would convert a "YBR_FULL" array to RGB (pydicom 2 did not for one sample
+    per pixel, and pydicom 3 refuses 16-bit data), so ``as_rgb=False`` is set; and this package
+    prefers the pylibjpeg plugin when it is installed (GDCM aborts the process on JPEG 2000 slices
+    relabelled "YBR_FULL"). Rescale slope/intercept are not applied, as Algorithm 1 does not
+    apply them.
 
     Raises:
         DicomReadError: unreadable file, no decoder for its transfer syntax, or not one

@@ -1,4 +1,4 @@
-"""Per-study reports of the two-stage pipeline (paper Section 3, Figure 1; Figures 4 and 10 style).
+"""Per-study reports of the two-stage pipeline (the paper's stage 1 and stage 2, Sections 2.5-2.6).
 
 For one :class:`keras_cspine.pipeline.StudyResult` this module draws three figures and writes an
 HTML or Markdown page around them:
@@ -8,7 +8,8 @@ HTML or Markdown page around them:
   finds it, the fracture boxes drawn at their slice and antero-posterior extent, and beside it
   the per-slice C1..C7 probabilities with the slices stage 2 looked at (the gate);
 - ``fractures.png``: the slices with the strongest fracture boxes, boxes drawn with their score
-  and vertebrae (the paper's Figure 10 style, on native slices in the bone window);
+  and vertebrae (slices with predicted fracture boxes, like Ultralytics' prediction images; here
+  on native slices in the bone window);
 - ``vertebrae.png``: a bar chart of the fracture probability of C1..C7 and of the patient.
 
 :func:`write_index` writes ``index.html`` linking every study's report with its probabilities.

@@ -1,13 +1,13 @@
 """Reproduce a paper table: ``python -m keras_cspine reproduce {table1,table3} --data DIR``.
 
-- ``table1`` (paper Section 4, Table 1): trains and evaluates every stage 1 model of the table
+- ``table1`` (paper Section 3, Table 1): trains and evaluates every stage 1 model of the table
   (one bundled config per row, ``stage1_<model>``) with :func:`keras_cspine.train.train_stage1`,
   then writes ``OUT/table1.csv`` and ``OUT/table1.md``: macro F1, exact match ratio, coverage
   error, trainable / non-trainable parameters, beside the paper's numbers. Each row runs in
   ``OUT/<config name>``; a finished row is reused and an interrupted one resumes, so the command
   can be rerun after a kill. ``--set`` overrides apply to every row (e.g. a smaller
   ``data.image_size`` or fewer ``train.epochs`` for a CPU run on synthetic data).
-- ``table3`` (Section 4, Table 3): dispatched to
+- ``table3`` (Section 3, Table 3): dispatched to
   :func:`keras_cspine.detection.reproduce_table3` (YOLOv8s/m, YOLOv5s/m; Ultralytics runs in
   subprocesses, so TensorFlow is never imported first here).
 """

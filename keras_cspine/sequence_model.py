@@ -1,6 +1,6 @@
 """Stage 1, beyond the paper: a bidirectional GRU reads the slices of a study as one sequence.
 
-The paper's classifier (Section 3.2) labels every axial slice on its own. The strongest RSNA 2022
+The paper's classifier (Section 2.5) labels every axial slice on its own. The strongest RSNA 2022
 solutions read the slices of a study together: a 2D CNN embeds each slice, then a recurrent
 network runs over the slices in order (DOMAIN.md, "Strongest peers"). This module adds that
 second step to the paper's two-input classifier:

@@ -1,9 +1,9 @@
 """A synthetic dataset in the RSNA 2022 Cervical Spine Fracture Detection layout (issue 2, sec. 3).
 
-Serves the paper's data section (Section 3: axial neck CT, vertebra segmentations, fracture
-boxes): it writes, in exactly the Kaggle layout, CT studies of a phantom neck so that the whole
-pipeline (stage 1 vertebrae classification, stage 2 fracture detection, Algorithm 1) runs and is
-tested without the 300 GB competition data::
+Serves the paper's data, the RSNA 2022 studies (axial neck CT, vertebra segmentations, fracture
+boxes; the paper's Figures 3-4 show them): it writes, in exactly the Kaggle layout, CT studies of a
+phantom neck so that the whole pipeline (Algorithm 1, stage 1 vertebrae classification, stage 2
+fracture detection) runs and is tested without the 300 GB competition data::
 
     OUT/train_images/<UID>/<n>.dcm       CT Image Storage, file number n == InstanceNumber, 1-based
     OUT/test_images/<UID>/<n>.dcm        a few unlabelled studies, like Kaggle's test set
@@ -368,7 +368,7 @@ def _slice_position(spec: StudySpec, world: np.ndarray) -> float:
 def _sample_fractures(rng: np.random.Generator, spec: StudySpec) -> None:
     """Choose 1-3 fractured vertebrae inside the coverage and a visible break for each.
 
-    The fracture patterns of the paper's data (Section 3, the RSNA boxes): vertebrae weighted by
+    The fracture patterns of the paper's data (the RSNA 2022 boxes): vertebrae weighted by
     :data:`_FRACTURE_WEIGHTS`, sites by :data:`_SITE_WEIGHTS`, a lucent line of :data:`GAP_MM`
     (at least :data:`MIN_GAP_PIXELS` pixels), displaced by :data:`SHIFT_MM` in :data:`DISPLACED`
     of the cases, over a crack of radius :data:`CRACK_RADIUS_MM`.

@@ -1,6 +1,6 @@
 """Synthetic neck anatomy for the built-in RSNA-format dataset (issue 2, section 3).
 
-Serves the paper's data section (Section 3, the RSNA 2022 cervical spine CT studies): it is the
+Serves the paper's data (the RSNA 2022 cervical spine CT studies): it is the
 phantom that :mod:`keras_cspine.synthetic` scans. Every structure is an approximate signed
 distance function (SDF, millimetres, negative inside) evaluated in *patient* coordinates (DICOM
 LPS: +x patient left, +y posterior, +z superior), so whatever the scan geometry (pixel spacing,

@@ -71,7 +71,7 @@ def code(text):
 
 nb01 = notebook([
     md("""
-# 01 - Data and preprocessing (paper Section 3.1-3.2, Algorithm 1, Figure 4)
+# 01 - Data and preprocessing (paper Section 2.4, Algorithm 1, Figure 4)
 
 The RSNA 2022 Cervical Spine Fracture Detection layout, read with `keras_cspine.io`; the paper's
 Algorithm 1 and the bone-window modes of `keras_cspine.preprocess`; vertebra labels per slice from
@@ -152,7 +152,7 @@ plt.show()'''),
 
 nb02 = notebook([
     md("""
-# 02 - Vertebrae classification (paper Section 3.2 and 4.1, Tables 1-2, Figure 6)
+# 02 - Vertebrae classification (paper Sections 2.5 and 3, Tables 1-2, Figure 6)
 
 Stage 1: the two-input network (GCViT image branch + metadata branch -> 7 sigmoids for C1..C7)
 trained on prepared slices with binary cross-entropy, macro F1 monitored and ReduceLROnPlateau on
@@ -205,16 +205,17 @@ predictions.head(10)'''),
 
 nb03 = notebook([
     md("""
-# 03 - Fracture detection (paper Section 3.3 and 4.2, Table 3, Figures 7-10)
+# 03 - Fracture detection (paper Sections 2.6 and 3, Table 3)
 
 Stage 2: the fracture boxes of `train_bounding_boxes.csv` (plus slices without fracture as
 negatives) exported as a YOLO dataset, a YOLO detector trained with Ultralytics (offline: nothing
 is downloaded), validated with Ultralytics' metrics cross-checked by our own mAP and pycocotools
 (Table 3), and exported to ONNX for the two-stage pipeline. This notebook never imports
-TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s at 640 px for 100
-epochs on whole slices (a GPU is advised). On the synthetic data, beyond the paper, each image is a
-100 mm window around the cervical column (`roi_mm`, `keras_cspine.detection.roi`): the bone fills
-the image as a bigger image would, at a fraction of its cost.
+TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s for 100 epochs on
+whole slices, at Ultralytics' default 640 px (a GPU is advised). On the synthetic data, beyond
+the paper, each image is a 100 mm window around the cervical column (`roi_mm`,
+`keras_cspine.detection.roi`): the bone fills the image as a bigger image would, at a fraction of
+its cost.
 
 """ + INSTALL),
     code(SETTINGS),
@@ -267,7 +268,7 @@ rows = [table3_row("yolov8s" if USE_KAGGLE else detect_config.model, metrics)]
 csv_path, md_path = write_table3(rows, STAGE2)
 display(Markdown(open(md_path).read()))
 metrics["cross_check"]'''),
-    md("## Figures 7-10: training curves, confusion matrix, predictions"),
+    md("## Figures: training curves, confusion matrix, predictions"),
     code('''from IPython.display import Image, display
 
 for figure in sorted((STAGE2).rglob("fig*.png")):
@@ -296,12 +297,13 @@ if len(shown):
 
 nb04 = notebook([
     md("""
-# 04 - Two-stage inference on a study (paper Section 3, Figure 1)
+# 04 - Two-stage inference on a study (the paper's two stages, Sections 2.5-2.6)
 
-The paper's system end to end: stage 1 gives each slice its C1..C7 probabilities, stage 2 looks
-for fracture boxes only on slices where a cervical vertebra is present (gating), each box is
-assigned to the vertebrae on its slice, and the findings become per-vertebra and patient
-fracture probabilities: the RSNA submission, a JSON per study and a report (shown inline below).
+The paper's two stages end to end: stage 1 gives each slice its C1..C7 probabilities and stage 2
+finds fracture boxes. Joining them is this package's own (not the paper's): stage 2 looks only on
+slices where a cervical vertebra is present (gating), each box is assigned to the vertebrae on
+its slice, and the findings become per-vertebra and patient fracture probabilities: the RSNA
+submission, a JSON per study and a report (shown inline below).
 Stage 1 runs in TensorFlow and stage 2 through ONNX in the same kernel; when notebooks 02 and 03
 have not been run, small models are trained here (stage 2 in a subprocess: torch must not be
 imported after TensorFlow).

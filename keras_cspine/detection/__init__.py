@@ -1,4 +1,4 @@
-"""Stage 2 of the paper: cervical spine fracture detection with YOLO (Section 3.3, Table 3).
+"""Stage 2 of the paper: cervical spine fracture detection with YOLO (Section 2.6; Table 3).
 
 - :mod:`~keras_cspine.detection.yolo_dataset`: RSNA boxes -> YOLO dataset (``detect export``).
 - :mod:`~keras_cspine.detection.offline`: Ultralytics with no network access at all.

@@ -1,9 +1,9 @@
-"""``python -m keras_cspine detect <step>``: stage 2 of the paper (Section 3.3, Table 3).
+"""``python -m keras_cspine detect <step>``: stage 2 of the paper (Section 2.6; Table 3, Section 3).
 
 Steps:
   export DATA_DIR OUT     RSNA-layout folder -> YOLO dataset (images, labels, data.yaml, manifest)
   train DATA              train a YOLO model (random init from its .yaml, or --weights local.pt)
-  val WEIGHTS DATA        Table 3 metrics, cross-checked mAP, Figures 9-10
+  val WEIGHTS DATA        Table 3 metrics, cross-checked mAP, confusion matrix, prediction grid
   onnx WEIGHTS            export to ONNX for the torch-free predictor
   predict MODEL.onnx IMG  boxes with onnxruntime only (no torch in the process)
   table3 DATA --out OUT   train and evaluate YOLOv8s/m, YOLOv5s/m; write Table 3

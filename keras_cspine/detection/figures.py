@@ -1,5 +1,6 @@
-"""Stage 2 figures: training curves (paper Figures 7-8), the detection confusion matrix
-(Figure 9) and a grid of predicted against true fracture boxes (Figure 10).
+"""Stage 2 figures: YOLO training curves (losses and validation metrics per epoch, from
+Ultralytics' ``results.csv``), the detection confusion matrix and a grid of predicted against true
+fracture boxes.
 
 Matplotlib with the Agg backend; every figure is written atomically. No torch import.
 """

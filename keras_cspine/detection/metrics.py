@@ -1,4 +1,4 @@
-"""Detection metrics for stage 2 (paper Section 4.2, Table 3 and Figure 9).
+"""Detection metrics for stage 2 (paper Section 3, Table 3) and the detection confusion matrix.
 
 Table 3 reports precision, recall, mAP50 and mAP50-95 of each YOLO model as Ultralytics computes
 them. This module recomputes mAP on the *same predictions* with an implementation of its own
@@ -12,7 +12,8 @@ Ultralytics' numbers are cross-checked by two independent computations:
 1.0
 
 Boxes are ``(N, 4)`` arrays of ``x1, y1, x2, y2`` in pixels, keyed by image. Nothing here imports
-torch or Ultralytics. Also: the detection confusion matrix (Figure 9) and the Table 3 writer.
+torch or Ultralytics. Also: the detection confusion matrix (laid out as Ultralytics' own
+``confusion_matrix.png``) and the Table 3 writer.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def pycocotools_map(
 
 @dataclass(frozen=True)
 class ConfusionCounts:
-    """Box-level confusion of one class against background (Ultralytics' Figure 9 layout).
+    """Box-level confusion of one class against background (the layout of Ultralytics' confusion
+    matrix plot).
 
     ``matrix[predicted][true]`` with index 0 = fracture, 1 = background: ``[[TP, FP], [FN, 0]]``.
     Image-level counts say whether a slice with a fracture got at least one box.

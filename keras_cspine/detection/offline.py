@@ -1,4 +1,4 @@
-"""Offline, private Ultralytics for stage 2 (paper Section 3.3, fracture detection with YOLO).
+"""Offline, private Ultralytics for stage 2 (paper Section 2.6, fracture detection with YOLO).
 
 Ultralytics reaches for the network in several places: an online check (DNS), the font
 ``Arial.ttf`` that its plots and dataset checks download on first use, pip auto-install of missing

@@ -1,9 +1,10 @@
 """Stage 2 inference without torch: a YOLO fracture detector exported to ONNX, run by onnxruntime.
 
-Serves the paper's two-stage system (Section 3, Figure 1): stage 1 runs in TensorFlow, and stage 2
-must run beside it in the same process, where importing torch after TensorFlow crashes. This module
-imports neither torch nor Ultralytics; it re-implements the few steps of Ultralytics' detection
-predictor that surround the network, so that its boxes match Ultralytics' own:
+Serves the paper's two-stage system (stage 1, Section 2.5; stage 2, Section 2.6): stage 1 runs in
+TensorFlow, and stage 2 must run beside it in the same process, where importing torch after
+TensorFlow crashes. This module imports neither torch nor Ultralytics; it re-implements the few
+steps of Ultralytics' detection predictor that surround the network, so that its boxes match
+Ultralytics' own:
 
 1. letterbox to the model's square input (``cv2.INTER_LINEAR`` resize, centred grey-114 padding,
    with Ultralytics' rounding), RGB, CHW, ``/ 255``;

@@ -1,4 +1,4 @@
-"""Reproduce the paper's Table 3: YOLOv8s/m and YOLOv5s/m fracture detection (Section 4.2).
+"""Reproduce the paper's Table 3: YOLOv8s/m and YOLOv5s/m fracture detection (Section 3).
 
 :func:`reproduce_table3` exports the YOLO dataset of an RSNA-layout folder (unless given an
 export), trains and validates each model in its own ``python -m keras_cspine.detection.cli train``

@@ -1,4 +1,4 @@
-"""Stage 2 training, validation and ONNX export with Ultralytics YOLO (paper Section 3.3, Table 3).
+"""Stage 2 training, validation and ONNX export with Ultralytics YOLO (paper Section 2.6, Table 3).
 
 The paper trains YOLOv8s/m and YOLOv5s/m for 100 epochs on the fracture boxes. Here:
 
@@ -9,8 +9,8 @@ The paper trains YOLOv8s/m and YOLOv5s/m for 100 epochs on the fracture boxes. H
   ``weights/best.onnx``. A killed run resumes from ``weights/last.pt``.
 - :func:`validate_detector`: Ultralytics' validation (precision, recall, mAP50, mAP50-95 = one
   Table 3 row) with its predictions saved, then the same predictions scored again by
-  ``keras_cspine.detection.metrics`` (own implementation) and by pycocotools, the confusion
-  matrix (Figure 9) and a prediction grid (Figure 10).
+  ``keras_cspine.detection.metrics`` (own implementation) and by pycocotools, the detection
+  confusion matrix and a grid of predicted against true boxes.
 - :func:`export_onnx`: the ONNX file that ``onnx_predictor.OnnxDetector`` runs without torch.
 
 Note: Ultralytics' "YOLOv5" (``yolov5s.yaml``) is its anchor-free YOLOv5u variant (YOLOv5's
@@ -234,7 +234,8 @@ def validate_detector(
     name: str | None = None,
     grid: int = 12,
 ) -> dict[str, Any]:
-    """Validate ``weights`` on a split: Table 3 metrics, cross-checked mAP, Figures 9 and 10.
+    """Validate ``weights`` on a split: Table 3 metrics, cross-checked mAP, confusion matrix and
+    prediction grid figures.
 
     Writes ``out_dir/metrics.json``, ``out_dir/predictions.json`` and ``out_dir/figures/``.
     Returns the metrics dict.

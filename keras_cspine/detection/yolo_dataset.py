@@ -1,4 +1,4 @@
-"""The stage 2 YOLO dataset (paper Section 3.3 and Table 3's data): fracture boxes as YOLO labels.
+"""The stage 2 YOLO dataset (paper Section 2.6 and Table 3's data): fracture boxes as YOLO labels.
 
 ``python -m keras_cspine detect export DATA_DIR OUT`` turns an RSNA-layout folder into an
 Ultralytics dataset:

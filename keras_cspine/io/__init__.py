@@ -1,4 +1,4 @@
-"""Readers of the RSNA 2022 data (paper, section 3.1): DICOM slices and series (``io.dicom``),
+"""Readers of the RSNA 2022 data (the paper's dataset): DICOM slices and series (``io.dicom``),
 NIfTI vertebra segmentations aligned to them (``io.nifti``) and the CSV/folder layout
 (``io.rsna``).
 

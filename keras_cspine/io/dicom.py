@@ -1,8 +1,9 @@
-"""DICOM slices and series: decoding, Hounsfield units and geometry (paper, section 3.1 "Dataset"
-and Algorithm 1's input; RSNA 2022 data layout).
+"""DICOM slices and series: decoding, Hounsfield units and geometry (the paper's dataset and the
+input of its Algorithm 1, Section 2.4; RSNA 2022 data layout).
 
-The paper reads every axial CT slice of the RSNA 2022 Cervical Spine Fracture Detection data with
-pydicom. This module does the same job with the care the data needs:
+The paper's Algorithm 1 reads each axial CT slice of the RSNA 2022 Cervical Spine Fracture
+Detection data with pydicom-style steps (``dcmread``, ``pixel_array``). This module does the same
+job with the care the data needs (the decoders below are this package's choice):
 
 - **Hounsfield units**: stored values -> ``value * RescaleSlope + RescaleIntercept`` as float32.
   A missing RescaleSlope / RescaleIntercept means the identity (slope 1, intercept 0), which is

@@ -1,6 +1,6 @@
 """Vertebra segmentations (NIfTI) aligned to their DICOM series, and per-slice vertebra presence
-(paper, section 3.2 "Data preprocessing": the masks are loaded, flipped and transposed to match
-the DICOM slices, clipped and cast to uint8; they give the C1..C7 slice labels of stage 1).
+(paper Section 2.4, preprocessing: the masks are loaded, flipped and transposed to match the
+DICOM slices, clipped and cast to uint8; they give the C1..C7 slice labels of stage 1).
 
 The RSNA segmentations are stored "sagittally": read naively they come out flipped in z and
 mirrored, and the usual fix (``seg[:, ::-1, ::-1].transpose(2, 1, 0)``) is a rule of thumb. Here
