@@ -1,4 +1,4 @@
-"""Stage 1 models (paper Section 3.2): the Keras 3 GCViT, its timm weight port and the paper's
+"""Stage 1 models (paper Section 2.5): the Keras 3 GCViT, its timm weight port and the paper's
 two-input vertebrae classifier.
 
 Names are imported lazily, so that ``keras_cspine.models.weights`` (NumPy and safetensors only)

@@ -1,7 +1,8 @@
-"""GCViT, the Global Context Vision Transformer, in Keras 3 (paper Section 3.2, stage 1 image branch).
+"""GCViT, the Global Context Vision Transformer, in Keras 3 (paper Section 2.5 and Figure 2, stage 1
+image branch).
 
 The paper "Intelligent Cervical Spine Fracture Detection Using Deep Learning Methods" (2023) classifies
-the vertebrae C1..C7 visible in each axial slice with an ImageNet-pretrained GCViT-tiny
+the vertebrae C1..C7 visible in each axial slice with a pre-trained GCViT-tiny
 (Hatamizadeh et al., "Global Context Vision Transformers", ICML 2023, arXiv 2206.09959). This module
 is a backend-agnostic Keras 3 implementation (``keras.ops`` only, functional API, every layer
 serialisable), numerically equivalent to ``timm.models.gcvit`` (checked to 1e-4 in the tests) and

@@ -1,6 +1,6 @@
-"""Loading timm GCViT weights into the Keras GCViT (paper Section 3.2: "pre-trained GCViT-tiny").
+"""Loading timm GCViT weights into the Keras GCViT (paper Section 2.5: pre-trained GCViT-tiny).
 
-The paper fine-tunes an ImageNet-pretrained GCViT-tiny. The published weights are NVIDIA's,
+The paper fine-tunes a pre-trained GCViT-tiny. The published (ImageNet) weights are NVIDIA's,
 converted to timm's layout (``gcvit_tiny.in1k``); this module ports a timm state dict onto
 :class:`keras_cspine.models.gcvit.GCViT` exactly (the tests check features and logits to 1e-4).
 
