@@ -24,7 +24,7 @@ from typing import Any
 from keras_cspine.config import CONFIG_DIR
 
 #: Table 1 rows in the paper's order: registry model names (config ``stage1_<name>``).
-TABLE1_MODELS = ("gcvit_tiny", "vit", "convnext_tiny", "inceptionv3", "resnet152v2", "swin")
+TABLE1_MODELS = ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet152v2", "swin")
 
 
 def _row_settings(model: str, overrides: Sequence[str]) -> tuple[str, list[str]]:
@@ -86,6 +86,83 @@ def reproduce_table1(
     return rows
 
 
+def table1_plan(
+    models: Sequence[str] = TABLE1_MODELS, overrides: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """What ``reproduce table1`` would run, row by row, without data or training.
+
+    Each row's network is built (random weights: the counts do not depend on them) at the
+    config's image size to count its parameters beside Table 1's; the weights the config asks for
+    are looked up in the local caches (never downloaded).
+    """
+    import keras
+
+    from keras_cspine.models.baselines import build_model, count_parameters, get_spec
+    from keras_cspine.pretrained import weights_status
+    from keras_cspine.train import load_stage1_config
+
+    plan = []
+    for model in models:
+        spec = get_spec(model)
+        config_name, sets = _row_settings(model, overrides)
+        config = load_stage1_config(config_name, sets)
+        size = config.data.image_size or config.data.prepare_size
+        built = count_parameters(build_model(
+            config.model.name, image_size=size, freeze=config.model.freeze,
+            **dict(config.model.options),
+        ))  # fmt: skip
+        keras.backend.clear_session()
+        paper = spec.paper_parameters
+        plan.append({
+            "row": spec.paper or model,
+            "config": config_name,
+            "network": spec.description,
+            "image_size": size,
+            "freeze": config.model.freeze or spec.default_freeze,
+            "trainable": built["trainable"],
+            "non_trainable": built["non_trainable"],
+            "paper_trainable": paper[0] if paper else None,
+            "paper_non_trainable": paper[1] if paper else None,
+            "weights": config.model.weights,
+            **weights_status(config.model.name, config.model.weights),
+            "prepare_mode": config.data.prepare_mode,
+            "epochs": config.train.epochs,
+            "augment": config.data.augment.enabled,
+            "early_stopping_patience": config.train.early_stopping_patience,
+        })  # fmt: skip
+    return plan
+
+
+def format_plan(plan: Sequence[dict[str, Any]]) -> str:
+    """The dry-run table: one block of lines per row."""
+    lines = []
+    for row in plan:
+        def pair(a, b):
+            return "-" if a is None else f"{a:,} / {b:,}"
+
+        paper = pair(row["paper_trainable"], row["paper_non_trainable"])
+        built = pair(row["trainable"], row["non_trainable"])
+        match = ""
+        if row["paper_trainable"] is not None:
+            dt = row["trainable"] - row["paper_trainable"]
+            dn = row["non_trainable"] - row["paper_non_trainable"]
+            match = "  exact" if dt == dn == 0 else f"  residual {dt:+,} / {dn:+,}"
+        present = {True: "present", False: "MISSING"}.get(row["weights_present"], "-")
+        lines += [
+            f"{row['row']} ({row['config']})",
+            f"  network     : {row['network']}, {row['image_size']} px, freeze {row['freeze']}",
+            f"  parameters  : paper {paper}; built {built}{match}",
+            f"  weights     : {row['weights'] or 'random'} <- {row['weights_source']} "
+            f"[{present}]",
+            f"  recipe      : prepare --mode {row['prepare_mode']}, {row['epochs']} epochs, "
+            f"augmentation {'on' if row['augment'] else 'off'}, early stopping "
+            f"{row['early_stopping_patience'] or 'off'}",
+        ]  # fmt: skip
+        if row["weights_present"] is False:
+            lines.append(f"  get weights : {row['weights_command']}")
+    return "\n".join(lines)
+
+
 def _command(config_name: str, data: str | Path, overrides: Sequence[str]) -> str:
     sets = " ".join(f"--set {o}" for o in overrides)  # values with spaces need shell quotes
     return f"python -m keras_cspine train {data} --config {config_name} {sets}".strip()
@@ -94,7 +171,12 @@ def _command(config_name: str, data: str | Path, overrides: Sequence[str]) -> st
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m keras_cspine reproduce``."""
     parser.add_argument("table", choices=("table1", "table3"), help="the paper table to rebuild")
-    parser.add_argument("--data", required=True, help="RSNA-layout folder (or prepare/YOLO one)")
+    parser.add_argument("--data", help="RSNA-layout folder (or prepare/YOLO one)")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="table1: print each row's network, parameter counts (paper vs built), weights and "
+        "recipe, and train nothing",
+    )  # fmt: skip
     parser.add_argument("--out", help="output folder (default runs/<table>)")
     parser.add_argument(
         "--models", nargs="+",
@@ -114,6 +196,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``reproduce`` from parsed arguments."""
     out = Path(args.out or Path("runs") / args.table)
+    if args.table == "table1" and args.dry_run:
+        plan = table1_plan(args.models or TABLE1_MODELS, args.overrides)
+        print(format_plan(plan))
+        if args.data:
+            print(f"[reproduce] data: {args.data} (not read by --dry-run)")
+        return 0
+    if args.dry_run:
+        raise SystemExit("error: --dry-run: only table1 has a dry run")
+    if not args.data:
+        raise SystemExit(f"error: reproduce {args.table}: --data is required")
     if args.table == "table1":
         rows = reproduce_table1(args.data, out, args.models or TABLE1_MODELS, args.overrides)
         print((out / "table1.md").read_text(encoding="utf-8"))

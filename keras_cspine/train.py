@@ -1,8 +1,8 @@
 """Stage 1 training: ``python -m keras_cspine train DATA [--config NAME] [--set key=value ...]``.
 
-Serves the paper's Section 3-4 (vertebrae classification, Table 1 training): a registry model
-(the two-input GCViT or an image-only baseline, :mod:`keras_cspine.models.baselines`) is trained
-on prepared slices with binary cross-entropy over the seven C1..C7 sigmoids, Keras' macro F1
+Serves the paper's Section 2.5 (vertebrae classification; Table 1 in Section 3): a registry
+model (the two-input GCViT or an image-only baseline, :mod:`keras_cspine.models.baselines`) is
+trained on prepared slices with binary cross-entropy over the seven C1..C7 sigmoids, Keras' macro F1
 (``keras.metrics.F1Score(average="macro", threshold=0.5)``, logged as ``val_f1_score``) and
 ReduceLROnPlateau on ``val_f1_score`` (mode max), as in the paper.
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keras_cspine.config import dump_config, load_config, save_config
+from keras_cspine.config import ConfigError, dump_config, load_config, save_config
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.level_decoding import LEVEL_DECODER_FILE, fit_from_prepared
 from keras_cspine.sequence_model import SEQUENCE_MODEL_FILE, SequenceConfig
@@ -507,7 +507,11 @@ def train_stage1(
         verbose: passed to ``model.fit``.
     """
     from keras_cspine.data import split_prepared
+    from keras_cspine.models.baselines import frozen_random_problem
 
+    problem = frozen_random_problem(config.model.name, config.model.weights, config.model.freeze)
+    if problem:
+        raise ConfigError(f"{config.name}: {problem}")
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     backup_dir = run_dir / "backup"

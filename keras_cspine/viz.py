@@ -1,13 +1,16 @@
 """Figures: slices with their vertebra labels and fracture boxes (the paper's Figure 4 style),
-and a sagittal overview of a study with the extent of each vertebra.
+a sagittal overview of a study with the extent of each vertebra, and the paper's Figure 3
+(fractured vs non-fractured studies per vertebra, from ``train.csv``).
 
-``python -m keras_cspine look PREPARED OUT`` draws them for a prepare folder. Everything uses
-matplotlib's Agg backend and writes each figure atomically.
+``python -m keras_cspine look PREPARED OUT`` draws them for a prepare folder (Figure 3 when the
+dataset's ``train.csv`` is found: ``--train-csv``, or the ``data_dir`` recorded in
+``prepare.json``). Everything uses matplotlib's Agg backend and writes each file atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from keras_cspine.io.rsna import VERTEBRAE
-from keras_cspine.utils import atomic_path
+from keras_cspine.utils import atomic_path, atomic_write
+
+FIGURE3_TITLE = "Fractured vs non-fractured studies per vertebra (paper Figure 3)"
 
 VERTEBRA_COLOURS = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8", "#911eb4")
 
@@ -159,9 +164,105 @@ def figure_sagittal(index, prepared: str | os.PathLike, uid: str, probabilities=
     return fig
 
 
+def fracture_counts(train_csv_or_frame):
+    """Studies fractured / not fractured per vertebra, from ``train.csv`` (paper Figure 3).
+
+    Args:
+        train_csv_or_frame: a path to an RSNA ``train.csv`` (read and validated with
+            :func:`keras_cspine.io.rsna.read_train_csv`) or its frame (checked against the same
+            schema, ``data_spec/train.schema.json``).
+
+    Returns:
+        A DataFrame with columns ``vertebra`` (C1..C7), ``fractured``, ``not_fractured``.
+    """
+    import pandas as pd
+
+    from keras_cspine.io.rsna import read_train_csv, validate_frame
+
+    if isinstance(train_csv_or_frame, pd.DataFrame):
+        frame = validate_frame(train_csv_or_frame, "train", "<train.csv frame>")
+    else:
+        frame = read_train_csv(train_csv_or_frame)
+    labels = frame[list(VERTEBRAE)].to_numpy()
+    fractured = (labels == 1).sum(axis=0).astype(int)
+    return pd.DataFrame({"vertebra": list(VERTEBRAE), "fractured": fractured,
+                         "not_fractured": len(frame) - fractured})  # fmt: skip
+
+
+def figure_fracture_counts(train_csv_or_frame):
+    """The paper's Figure 3: grouped bars of fractured / non-fractured studies per vertebra.
+
+    Args:
+        train_csv_or_frame: a path to ``train.csv`` or its frame (see :func:`fracture_counts`).
+
+    Returns:
+        ``(figure, counts)``: the matplotlib figure and the counts frame (vertebra, fractured,
+        not_fractured).
+    """
+    plt = _pyplot()
+    counts = fracture_counts(train_csv_or_frame)
+    x = np.arange(len(counts))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for offset, column, label, colour in (
+        (-width / 2, "not_fractured", "non-fractured", "#4363d8"),
+        (width / 2, "fractured", "fractured", "#e6194b"),
+    ):
+        bars = ax.bar(x + offset, counts[column], width, label=label, color=colour)
+        ax.bar_label(bars, fontsize=8, padding=1)
+    ax.set_xticks(x, counts.vertebra)
+    ax.set_xlabel("vertebra")
+    ax.set_ylabel("studies")
+    ax.set_title(FIGURE3_TITLE)
+    top = int(counts[["fractured", "not_fractured"]].to_numpy().max(initial=0))
+    ax.set_ylim(0, top * 1.3 + 1)  # headroom for the legend above the tallest bar's number
+    ax.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    return fig, counts
+
+
+def write_fracture_counts(train_csv_or_frame, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``figure3_fracture_counts.png`` and ``figure3_fracture_counts.csv`` into ``out``."""
+    out = Path(out)
+    fig, counts = figure_fracture_counts(train_csv_or_frame)
+    png = save_figure(fig, out / "figure3_fracture_counts.png")
+    csv = out / "figure3_fracture_counts.csv"
+    with atomic_write(csv, newline="") as handle:
+        counts.to_csv(handle, index=False)
+    return png, csv
+
+
+def find_train_csv(prepared: str | os.PathLike, train_csv: str | os.PathLike | None = None
+                   ) -> tuple[Path | None, str]:  # fmt: skip
+    """``(path, "")`` of the ``train.csv`` for a prepare folder, or ``(None, why not)``.
+
+    ``train_csv`` wins when given (it must exist); otherwise ``data_dir`` of ``prepare.json``.
+    """
+    if train_csv is not None:
+        path = Path(train_csv)
+        return (path, "") if path.is_file() else (None, f"{path} does not exist")
+    settings_path = Path(prepared) / "prepare.json"
+    try:
+        settings = json.loads(settings_path.read_text())
+    except (OSError, ValueError) as err:
+        return None, f"cannot read {settings_path} ({err.__class__.__name__}); pass --train-csv"
+    data_dir = settings.get("data_dir")
+    if not data_dir:
+        return None, f"{settings_path} records no data_dir; pass --train-csv"
+    path = Path(data_dir) / "train.csv"
+    if not path.is_file():
+        return None, f"{path} (the data_dir of {settings_path}) does not exist; pass --train-csv"
+    return path, ""
+
+
 def look(prepared: str | os.PathLike, out: str | os.PathLike, n_slices: int = 12,
-         n_studies: int = 3, seed: int = 0) -> list[Path]:  # fmt: skip
-    """Write ``slices.png`` and ``sagittal_<uid>.png`` figures for a prepare folder."""
+         n_studies: int = 3, seed: int = 0, train_csv: str | os.PathLike | None = None,
+         log=print) -> list[Path]:  # fmt: skip
+    """Write ``slices.png``, ``sagittal_<uid>.png`` and, when ``train.csv`` is found (see
+    :func:`find_train_csv`), ``figure3_fracture_counts.png`` / ``.csv`` for a prepare folder.
+
+    ``log`` receives the one line saying why Figure 3 was skipped, if it was.
+    """
     from keras_cspine.prepare import load_index
 
     index = load_index(prepared)
@@ -170,6 +271,11 @@ def look(prepared: str | os.PathLike, out: str | os.PathLike, n_slices: int = 12
                            out / "slices.png")]  # fmt: skip
     for uid in sorted(index.StudyInstanceUID.unique())[:n_studies]:
         written.append(save_figure(figure_sagittal(index, prepared, uid), out / f"sagittal_{uid}.png"))
+    csv_path, why = find_train_csv(prepared, train_csv)
+    if csv_path is None:
+        log(f"Figure 3 skipped: {why}")
+    else:
+        written.extend(write_fracture_counts(csv_path, out))
     return written
 
 
@@ -179,10 +285,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=12, help="slices in the grid")
     parser.add_argument("--studies", type=int, default=3, help="sagittal overviews to draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-csv",
+        default=None,
+        help="train.csv for Figure 3 (default: data_dir/train.csv of prepare.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in look(args.prepared, args.out, args.slices, args.studies, args.seed):
+    train_csv = getattr(args, "train_csv", None)
+    for path in look(args.prepared, args.out, args.slices, args.studies, args.seed, train_csv):
         print(path)
     return 0
 

@@ -20,8 +20,8 @@ def _inputs(model, size, n=2, seed=0):
 
 def test_registry_covers_table1_and_text():
     names = B.available_models()
-    for name in ("gcvit_tiny", "vit", "convnext_tiny", "inceptionv3", "resnet152v2", "swin",
-                 "vgg19", "densenet121", "metadata_only"):  # fmt: skip
+    for name in ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet152v2", "swin",
+                 "vgg19", "densenet121", "convnext_tiny", "metadata_only"):  # fmt: skip
         assert name in names
     rows = {spec.paper for spec in B.REGISTRY.values() if spec.paper}
     assert rows == {"Proposed (GCViT)", "ViT", "ConvNeXt", "InceptionV3", "ResNet152V2", "Swin"}
@@ -50,8 +50,9 @@ def test_small_models_share_the_head(name, kwargs):
     out = model.predict(inputs, verbose=0)
     assert out.shape == (2, 7) and ((out > 0) & (out < 1)).all()
     assert model.get_layer("vertebrae").activation.__name__ == "sigmoid"
-    if name != "metadata_only":
-        assert model.get_layer("image_dense").units == 64
+    if name != "metadata_only":  # GCViT has Figure 5's Dense(64); the baselines go to 256
+        dense = {layer.name for layer in model.layers if isinstance(layer, keras.layers.Dense)}
+        assert ("image_dense" in dense) == (B.get_spec(name).inputs == "image+metadata")
         assert model.get_layer("head_dense_0").units == 256
 
 
@@ -59,17 +60,69 @@ def test_small_models_share_the_head(name, kwargs):
 @pytest.mark.parametrize(
     "name, size",
     [("resnet152v2", 32), ("vgg19", 32), ("densenet121", 32), ("inceptionv3", 75),
-     ("convnext_tiny", 32)],
+     ("convnext_small", 32)],
 )  # fmt: skip
 def test_keras_applications_baselines(name, size):
     model = B.build_model(name, image_size=size)
     assert model.output_shape == (None, 7)
     assert model.predict(_inputs(model, size), verbose=0).shape == (2, 7)
-    assert model.get_layer("image_dense").units == 64
+    assert model.get_layer("head_dense_0").units == 256
     if name == "vgg19":  # the cheapest one: a frozen backbone leaves only the head trainable
         frozen = B.build_model(name, image_size=size, freeze="backbone")
-        head = 64 * (512 + 1) + 256 * (64 + 1) + 7 * (256 + 1)
+        head = 256 * (512 + 1) + 7 * (256 + 1)
         assert B.count_parameters(frozen)["trainable"] == head
+
+
+#: Table 1 of the paper, trainable / non-trainable, every row built at 224 px with its
+#: config's freeze (random weights: the counts do not depend on them).
+TABLE1_ROWS = [
+    ("gcvit_tiny", "Proposed (GCViT)", 13_080_663, 14_683_998),
+    ("vit", "ViT", 56_937_479, 30_764_544),
+    ("convnext_small", "ConvNeXt", 9_686_535, 39_966_816),
+    ("inceptionv3", "InceptionV3", 526_535, 21_802_592),
+    ("resnet152v2", "ResNet152V2", 6_045_703, 52_812_288),
+    ("swin", "Swin", 49_899_081, 2_768),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, row, trainable, non_trainable", TABLE1_ROWS)
+def test_table1_rows_have_the_paper_parameter_counts(name, row, trainable, non_trainable):
+    from keras_cspine.train import load_stage1_config
+
+    spec = B.get_spec(name)
+    assert spec.paper == row and spec.paper_parameters == (trainable, non_trainable)
+    config = load_stage1_config(f"stage1_{name}")
+    model = B.build_model(name, image_size=224, freeze=config.model.freeze,
+                          **dict(config.model.options))  # fmt: skip
+    counts = B.count_parameters(model)
+    assert (counts["trainable"], counts["non_trainable"]) == (trainable, non_trainable)
+
+
+@pytest.mark.parametrize("freeze, frozen", [("all_but_last:1", 3), ("all_but_last:3", 1),
+                                            ("all_but_last:4", 0)])  # fmt: skip
+def test_all_but_last_n_fine_tunes_the_top_layers(freeze, frozen):
+    from keras_cspine.models.classifier import freeze_backbone
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, name="a")(inputs)
+    x = keras.layers.Conv2D(2, 3, name="b")(x)
+    x = keras.layers.Conv2D(2, 3, name="c")(x)
+    backbone = keras.Model(inputs, x)  # layers: input, a, b, c
+    names = freeze_backbone(backbone, freeze)
+    assert len(names) == frozen
+    assert [layer.trainable for layer in backbone.layers] == [i >= frozen for i in range(4)]
+
+
+@pytest.mark.parametrize("freeze", ["all_but_last:0", "all_but_last:5", "all_but_last:x",
+                                    "all_but_last:-1"])  # fmt: skip
+def test_all_but_last_n_rejects_bad_counts(freeze):
+    from keras_cspine.models.classifier import freeze_backbone
+
+    inputs = keras.Input((8, 8, 3))
+    backbone = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
+    with pytest.raises(ValueError, match="all_but_last:N"):
+        freeze_backbone(backbone, freeze)
 
 
 def test_minimum_size_and_bad_arguments():
@@ -97,7 +150,8 @@ def test_preprocessing_matches_keras_applications(mode, reference):
 
 def test_imagenet_weights_never_download(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with pytest.raises(B.WeightsNotFoundError, match="resnet152v2_weights.*nothing is downloaded"):
+    with pytest.raises(B.WeightsNotFoundError,
+                       match="resnet152v2_weights.*keras-cspine weights fetch resnet152v2"):
         B.build_model("resnet152v2", image_size=32, weights="imagenet")
     with pytest.raises(B.WeightsNotFoundError, match="Kaggle"):
         B.build_model("vit", image_size=32, weights="imagenet", backbone_kwargs=TINY_VIT)
@@ -107,19 +161,19 @@ def test_imagenet_weights_never_download(tmp_path, monkeypatch):
 
 def test_local_imagenet_cache_and_weight_files(tmp_path, monkeypatch):
     # a notop file in the local Keras cache is used for "imagenet" (no network involved)
-    source = B.build_model("vgg19", image_size=32)
-    backbone = source.get_layer("vgg19_backbone").layers[-1]  # the keras.applications model
+    reference = keras.applications.VGG19(include_top=False, weights=None, input_shape=(32, 32, 3))
     (tmp_path / "models").mkdir()
     notop = tmp_path / "models" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
     with h5py.File(notop, "w") as handle:  # the legacy layout of the published notop files
-        legacy_h5_format.save_weights_to_hdf5_group(handle, backbone)
+        legacy_h5_format.save_weights_to_hdf5_group(handle, reference)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     loaded = B.build_model("vgg19", image_size=32, weights="imagenet")
-    kernel = loaded.get_layer("vgg19_backbone").layers[-1].weights[0]
-    np.testing.assert_array_equal(kernel.numpy(), backbone.weights[0].numpy())
+    for layer in ("block1_conv1", "block5_conv4"):
+        kernel = loaded.get_layer("vgg19_backbone").get_layer(layer).kernel
+        np.testing.assert_array_equal(kernel.numpy(), reference.get_layer(layer).kernel.numpy())
     # whole-model .weights.h5 files load into the rebuilt model
     path = tmp_path / "vit.weights.h5"
     vit = B.build_model("vit", image_size=32, backbone_kwargs=TINY_VIT)
@@ -143,5 +197,5 @@ def test_saved_baseline_round_trips(tmp_path):
 def test_freeze_backbone_leaves_the_head():
     model = B.build_model("vit", image_size=32, freeze="backbone", backbone_kwargs=TINY_VIT)
     counts = B.count_parameters(model)
-    head = 64 * (16 + 1) + 256 * (64 + 1) + 7 * (256 + 1)
+    head = 256 * (16 + 1) + 7 * (256 + 1)  # pooled tokens -> Dense(256) -> Dense(7)
     assert counts["trainable"] == head and counts["non_trainable"] > 0

@@ -122,15 +122,55 @@ def test_bad_config(overrides, match):
         load_stage1_config("stage1_synthetic_small", overrides)
 
 
-def test_bundled_table1_configs():
-    rows = {}
-    for name in ("gcvit_tiny", "vit", "convnext_tiny", "inceptionv3", "resnet152v2", "swin"):
-        config = load_stage1_config(f"stage1_{name}")
-        assert config.model.name == name and config.data.image_size == 224
-        rows[name] = config.paper_row
-    assert rows["gcvit_tiny"] == "Proposed (GCViT)" and rows["swin"] == "Swin"
-    assert load_stage1_config(f"stage1_{'gcvit_tiny'}").model.freeze == "levels_2"
+PAPER_CONFIGS = ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet152v2", "swin",
+                 "vgg19", "densenet121")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_follow_the_paper_recipe(name):
+    """Algorithm 1 slices at 224 px, ImageNet weights, 25 epochs, nothing the paper does not name."""
+    from keras_cspine.models.baselines import get_spec
+
+    config = load_stage1_config(f"stage1_{name}")
+    spec = get_spec(name)
+    assert config.model.name == name and config.data.image_size == 224
+    assert config.paper_row == spec.paper
+    assert config.data.prepare_mode == "paper" and config.data.prepare_size == 224
+    assert config.model.weights == "imagenet"
+    assert config.model.freeze == spec.default_freeze  # the cut that gives Table 1's counts
+    assert config.train.epochs == 25
+    assert config.train.early_stopping_patience == 0 and config.train.warmup_epochs == 0
+    assert not config.data.augment.enabled and not config.data.balance
+    assert not config.sequence.enabled
     assert isinstance(load_stage1_config(), Stage1Config)
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["model.weights=null"], True),  # levels_2 frozen at random: refused
+        (["model.weights=null", "model.freeze=none"], False),  # everything trains: allowed
+        (["model.weights=null", "model.freeze=levels_0"], True),
+    ],
+)
+def test_frozen_random_backbone_is_refused(tmp_path, overrides, refused):
+    config = load_stage1_config("stage1_gcvit_tiny", overrides)
+    if refused:
+        with pytest.raises(ValueError, match=r"stage1_gcvit_tiny: model gcvit_tiny freezes its "
+                           r"backbone.*keras-cspine weights fetch gcvit_tiny"):  # fmt: skip
+            train_stage1(config, tmp_path, tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before anything is written
+    else:  # gets past the check, to the data check
+        with pytest.raises(CSpineDataError, match="neither a prepare folder"):
+            train_stage1(config, tmp_path, tmp_path / "run")
+
+
+def test_missing_imagenet_weights_name_the_fetch_command(tmp_path, monkeypatch):
+    from keras_cspine.models.baselines import WeightsNotFoundError, build_model
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="keras-cspine weights fetch inceptionv3"):
+        build_model("inceptionv3", image_size=75, weights="imagenet")
 
 
 def test_data_path_must_be_prepared_or_rsna(tmp_path):

@@ -1,6 +1,6 @@
 """The model registry of Table 1: the paper's two-input GCViT and the image-only baselines.
 
-Paper Section 4 (Table 1) compares the proposed GCViT model (image + metadata) with image-only
+Paper Section 3 (Table 1) compares the proposed GCViT model (image + metadata) with image-only
 baselines: ViT, ConvNeXt, InceptionV3, ResNet152V2 and Swin (VGG19 and DenseNet are named in the
 text). Every model here ends in the same 7-sigmoid head (C1..C7 presence), built by name with
 :func:`build_model`:
@@ -138,7 +138,14 @@ class ModelSpec:
         min_size: smallest accepted image side.
         backbone: for image-only baselines, the builder registered with
             ``keras_cspine.models.classifier.register_backbone``.
-        default_freeze: the freeze spec used when ``build_model(freeze=None)``.
+        default_freeze: the freeze spec used when ``build_model(freeze=None)``: the paper's cut
+            for the Table 1 rows (see :func:`keras_cspine.models.classifier.freeze_backbone`).
+        image_dense: the Dense layer after pooling the image features (None: none). The GCViT
+            model has one (64 units, Figure 5); the baselines' counts in Table 1 say they go
+            straight from pooling to Dense(256).
+        paper_parameters: ``(trainable, non_trainable)`` as Table 1 prints them, for the rows
+            of the table (built at 224 px with the default freeze).
+        weights: the :mod:`keras_cspine.pretrained` entry holding its ImageNet weights.
     """
 
     name: str
@@ -148,6 +155,9 @@ class ModelSpec:
     min_size: int = 32
     backbone: Callable[..., keras.Model] | None = field(default=None, repr=False)
     default_freeze: str | None = None
+    image_dense: int | None = 64
+    paper_parameters: tuple[int, int] | None = None
+    weights: str | None = None
 
 
 def _keras_cache_file(file_name: str) -> Path | None:
@@ -163,10 +173,11 @@ def _resolve_application_weights(weights, notop_file: str, name: str) -> str | N
     if weights == "imagenet":
         cached = _keras_cache_file(notop_file)
         if cached is None:
+            where = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
             raise WeightsNotFoundError(
-                f"{name}: ImageNet weights requested but {notop_file} is not in the local Keras "
-                f"cache ($KERAS_HOME/models or ~/.keras/models); nothing is downloaded. Copy the "
-                f"file there or pass its path as weights."
+                f"{where / notop_file}: the ImageNet weights of {name} are not in the local Keras "
+                f"cache; nothing is downloaded on its own. Get them with `keras-cspine weights "
+                f"fetch {name}` (or bring the file and run `keras-cspine weights add FILE`)"
             )
         return str(cached)
     path = Path(weights)
@@ -178,7 +189,12 @@ def _resolve_application_weights(weights, notop_file: str, name: str) -> str | N
 def _application_backbone(
     name: str, app_name: str, preprocess: str | None, notop_file: str
 ) -> Callable[..., keras.Model]:
-    """A backbone builder for ``classifier.register_backbone``: 0-255 images -> feature map."""
+    """A backbone builder for ``classifier.register_backbone``: 0-255 images -> feature map.
+
+    The application is built on the preprocessing layer's output (``input_tensor``), so the
+    backbone is one flat model whose last layers are the application's: a freeze spec such as
+    ``"all_but_last:15"`` counts the application's own layers, as the paper's fine-tuning did.
+    """
 
     def build(image_size, weights=None, **kwargs) -> keras.Model:
         if kwargs:
@@ -188,12 +204,18 @@ def _application_backbone(
         app_kwargs: dict[str, Any] = {}
         if app_name.startswith("ConvNeXt"):
             app_kwargs["include_preprocessing"] = True  # ConvNeXt normalises 0-255 itself
-        app = getattr(keras.applications, app_name)(
-            include_top=False, weights=resolved, input_shape=(h, w, 3), **app_kwargs
-        )
         inputs = keras.Input((h, w, 3), name="pixels")
         x = ImagePreprocessing(preprocess, name="preprocess")(inputs) if preprocess else inputs
-        return keras.Model(inputs, app(x), name=f"{name}_backbone")
+        app = getattr(keras.applications, app_name)(
+            include_top=False, weights=None, input_tensor=x, **app_kwargs
+        )
+        backbone = keras.Model(inputs, app.output, name=f"{name}_backbone")
+        if resolved is not None:
+            from keras_cspine.pretrained import check_keras_h5
+
+            check_keras_h5(resolved, backbone)  # names the first layer that does not fit
+            backbone.load_weights(resolved)
+        return backbone
 
     return build
 
@@ -263,41 +285,70 @@ def _build_metadata_only(
     return keras.Model({"metadata": inputs}, outputs, name=name)
 
 
-def _image_spec(name, backbone_builder, description, paper=None, min_size=32, freeze="none"):
-    return ModelSpec(name, "image", description, paper=paper, min_size=min_size,
-                     backbone=backbone_builder, default_freeze=freeze)  # fmt: skip
-
-
-def _app(name, cls, preprocess, notop, paper=None, min_size=32):
-    return _image_spec(
-        name, _application_backbone(name, cls, preprocess, notop),
-        f"keras.applications.{cls}, image only", paper=paper, min_size=min_size,
+def _app(name, cls, preprocess, notop, *, paper=None, freeze="none", counts=None, min_size=32):
+    """A Keras Applications baseline: image only, GAP -> Dense(256) -> Dense(7) head."""
+    return ModelSpec(
+        name, "image", f"keras.applications.{cls}, image only", paper=paper, min_size=min_size,
+        backbone=_application_backbone(name, cls, preprocess, notop), default_freeze=freeze,
+        image_dense=None, paper_parameters=counts, weights=name,
     )  # fmt: skip
 
 
+#: Table 1's parameter counts (trainable, non-trainable) of each row.
+PAPER_PARAMETERS = {
+    "Proposed (GCViT)": (13_080_663, 14_683_998),
+    "ViT": (56_937_479, 30_764_544),
+    "ConvNeXt": (9_686_535, 39_966_816),
+    "InceptionV3": (526_535, 21_802_592),
+    "ResNet152V2": (6_045_703, 52_812_288),
+    "Swin": (49_899_081, 2_768),
+}
+
+VIT_SPEC = ModelSpec(
+    "vit", "image", "keras_hub ViTBackbone (ViT-B/16 shape), image only", paper="ViT",
+    backbone=_hub_backbone("vit", "ViTBackbone", "tf", VIT_B16), default_freeze="none",
+    image_dense=None, paper_parameters=PAPER_PARAMETERS["ViT"], weights="vit",
+)
+SWIN_SPEC = ModelSpec(
+    "swin", "image", "keras_hub SwinTransformerBackbone (Swin-T shape), image only",
+    paper="Swin", backbone=_hub_backbone("swin", "SwinTransformerBackbone", "torch", SWIN_T),
+    default_freeze="none", image_dense=None, paper_parameters=PAPER_PARAMETERS["Swin"],
+    weights="swin",
+)
+
+# The cuts below are the ones that give Table 1's counts exactly at 224 px: the backbone's
+# bottom layers frozen, its last N layers fine-tuned (``all_but_last:N``), the head trainable.
+# ResNet152V2: conv5_block2_3_conv onwards (15 layers); InceptionV3: only the last
+# batch normalisation (its 192 betas) onwards (6 layers); ConvNeXtSmall: from
+# stage_3_block_1_pointwise_conv_1 on (13 layers). VGG19 and DenseNet121 (named in Section 2.5
+# without counts) fine-tune their last block the same way.
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("gcvit_tiny", "image+metadata", "GCViT-tiny + metadata, the paper's model",
-                  paper="Proposed (GCViT)", default_freeze="levels_2"),
+                  paper="Proposed (GCViT)", default_freeze="levels_2",
+                  paper_parameters=PAPER_PARAMETERS["Proposed (GCViT)"], weights="gcvit_tiny"),
         ModelSpec("gcvit_xtiny", "image+metadata", "GCViT-xtiny + metadata",
                   default_freeze="none"),
         ModelSpec("gcvit_xxtiny", "image+metadata",
                   "GCViT-xxtiny + metadata (small, for CPU runs)", default_freeze="none"),
         _app("resnet152v2", "ResNet152V2", "tf",
-             "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="ResNet152V2"),
-        _app("vgg19", "VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        _app("densenet121", "DenseNet121", "torch",
-             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+             "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="ResNet152V2",
+             freeze="all_but_last:15", counts=PAPER_PARAMETERS["ResNet152V2"]),
         _app("inceptionv3", "InceptionV3", "tf",
              "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="InceptionV3",
-             min_size=75),
-        _app("convnext_tiny", "ConvNeXtTiny", None, "convnext_tiny_notop.h5", paper="ConvNeXt"),
-        _image_spec("vit", _hub_backbone("vit", "ViTBackbone", "tf", VIT_B16),
-                    "keras_hub ViTBackbone (ViT-B/16 shape), image only", paper="ViT"),
-        _image_spec("swin", _hub_backbone("swin", "SwinTransformerBackbone", "torch", SWIN_T),
-                    "keras_hub SwinTransformerBackbone (Swin-T shape), image only",
-                    paper="Swin"),
+             freeze="all_but_last:6", counts=PAPER_PARAMETERS["InceptionV3"], min_size=75),
+        _app("convnext_small", "ConvNeXtSmall", None, "convnext_small_notop.h5",
+             paper="ConvNeXt", freeze="all_but_last:13", counts=PAPER_PARAMETERS["ConvNeXt"]),
+        _app("vgg19", "VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             freeze="all_but_last:5"),  # block5: four convolutions and the pooling
+        _app("densenet121", "DenseNet121", "torch",
+             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             freeze="all_but_last:16"),  # the last two conv blocks of dense block 5, bn, relu
+        _app("convnext_tiny", "ConvNeXtTiny", None, "convnext_tiny_notop.h5",
+             freeze="all_but_last:13"),  # the ConvNeXtSmall cut on the smaller variant
+        VIT_SPEC,
+        SWIN_SPEC,
         ModelSpec("metadata_only", "metadata",
                   "position and slice ratio only (leakage control, not in the paper)",
                   min_size=1),
@@ -353,8 +404,10 @@ def build_model(
         weights: None; "imagenet" (local cache only); a ``.weights.h5`` file of the whole model;
             another path: backbone weights (keras.applications notop ``.h5``, a keras-hub preset
             folder, or a timm GCViT file).
-        freeze: the classifier's freeze spec: ``"none"``, ``"all"`` (alias ``"backbone"``) or a
-            backbone layer name (GCViT: ``"levels_2"`` is the paper's); None: the model's default.
+        freeze: the classifier's freeze spec: ``"none"``, ``"all"`` (alias ``"backbone"``), a
+            backbone layer name (GCViT: ``"levels_2"`` is the paper's) or ``"all_but_last:N"``
+            (fine-tune the backbone's last N layers); None: the model's default, which for a
+            Table 1 row is the paper's cut (:data:`ModelSpec.paper_parameters` at 224 px).
         **kwargs: passed to the classifier (``image_dense``, ``head_units``, ``dropout``,
             ``backbone_kwargs`` such as ``{"num_layers": 1}`` for a tiny ViT...).
 
@@ -396,6 +449,7 @@ def build_model(
         )  # fmt: skip
     elif spec.inputs == "image":
         kwargs.setdefault("name", name)
+        kwargs.setdefault("image_dense", spec.image_dense)
         kwargs.setdefault("rescaling", "none")  # each baseline backbone preprocesses itself
         model = build_image_classifier(
             backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,
@@ -411,6 +465,28 @@ def build_model(
     if model_weights is not None:
         model.load_weights(model_weights)
     return model
+
+
+def frozen_random_problem(name: str, weights, freeze: str | None) -> str | None:
+    """Why training ``name`` with these ``weights`` and ``freeze`` would be pointless, or None.
+
+    Frozen layers keep their weights: frozen at their random initialisation they never learn
+    anything, so a run that freezes a backbone must load weights into it.
+    """
+    spec = get_spec(name)
+    freeze = spec.default_freeze if freeze is None else freeze
+    if spec.inputs == "metadata" or freeze in (None, "none") or weights is not None:
+        return None
+    if spec.weights:
+        how = (f"get its ImageNet weights with `keras-cspine weights fetch {spec.weights}` (or "
+               f"`keras-cspine weights add FILE`) and set model.weights=imagenet")  # fmt: skip
+    else:
+        how = "set model.weights to a weights file"
+    return (
+        f"model {name} freezes its backbone (freeze {freeze!r}) but model.weights is null: the "
+        f"frozen layers would keep their random initialisation and never learn. Either {how}, "
+        f"or train every layer with --set model.freeze=none"
+    )
 
 
 def count_parameters(model: keras.Model) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The paper's two-input vertebrae classifier (paper Section 3.2 and Table 1, stage 1).
+"""The paper's two-input vertebrae classifier (paper Section 2.5, Figure 5 and Table 1, stage 1).
 
 For every axial CT slice the network predicts which of the vertebrae C1..C7 it shows (7 sigmoid
 outputs, multi-label). It has two inputs:
@@ -47,6 +47,9 @@ RESCALING = {
 #: Freeze points of a GCViT backbone, shallow to deep ("levels_2" is the paper's).
 GCVIT_FREEZE_POINTS = ("none", "patch_embed", "levels_0", "levels_1", "levels_2", "levels_3")
 
+#: Prefix of the freeze spec "all_but_last:N" (fine-tune the backbone's last N layers).
+ALL_BUT_LAST = "all_but_last:"
+
 _BACKBONES: dict[str, Callable[..., keras.Model]] = {}
 
 
@@ -91,22 +94,33 @@ def _build_backbone(backbone, image_size, weights, drop_path_rate, backbone_kwar
 def freeze_backbone(backbone: keras.Model, freeze: str | None) -> tuple[str, ...]:
     """Freeze ``backbone``'s layers up to and including the layer named ``freeze``.
 
-    ``"none"`` (or None) trains everything, ``"all"`` freezes the whole backbone. For GCViT the
-    points are ``"patch_embed"``, ``"levels_0"`` .. ``"levels_3"``; the paper freezes up to
-    ``"levels_2"`` (its downsample included). Returns the names of the frozen layers.
+    ``"none"`` (or None) trains everything, ``"all"`` freezes the whole backbone and
+    ``"all_but_last:N"`` freezes all but its last N layers (the usual Keras fine-tuning,
+    ``for layer in base.layers[:-N]: layer.trainable = False``; the cut of the paper's Keras
+    Applications baselines). For GCViT the points are ``"patch_embed"``, ``"levels_0"`` ..
+    ``"levels_3"``; the paper freezes up to ``"levels_2"`` (its downsample included). Returns the
+    names of the frozen layers.
     """
     names = [layer.name for layer in backbone.layers]
     if freeze is None or freeze == "none":
         cut = -1
     elif freeze == "all":
         cut = len(names) - 1
+    elif isinstance(freeze, str) and freeze.startswith(ALL_BUT_LAST):
+        count = freeze[len(ALL_BUT_LAST):]
+        if not count.isdigit() or not 0 < int(count) <= len(names):
+            raise ValueError(
+                f"freeze {freeze!r}: N in 'all_but_last:N' must be an integer from 1 to the "
+                f"{len(names)} layers of backbone {backbone.name!r}"
+            )
+        cut = len(names) - int(count) - 1
     elif isinstance(freeze, str) and freeze in names:
         cut = names.index(freeze)
     else:
         weighted = [layer.name for layer in backbone.layers if layer.weights]
         raise ValueError(
             f"freeze {freeze!r} is not a layer of backbone {backbone.name!r}; choose 'none', "
-            f"'all' or one of {weighted}"
+            f"'all', 'all_but_last:N' or one of {weighted}"
         )
     backbone.trainable = True
     for i, layer in enumerate(backbone.layers):
@@ -169,7 +183,7 @@ class MultiInputClassifier(keras.Model):
     ```
 
     Reference: "Intelligent Cervical Spine Fracture Detection Using Deep Learning Methods"
-    (arXiv 2311.05708, 2023), Section 3.2 and Table 1.
+    (arXiv 2311.05708, 2023), Section 2.5, Figure 5 and Table 1.
     """
 
     def __init__(
