@@ -106,7 +106,7 @@ class DemoSettings:
     @classmethod
     def paper(cls, **changes: Any) -> DemoSettings:
         """The paper's configurations, for the real Kaggle data (``--data``)."""
-        base = cls(image_size=224, mode="bone", stage1_config="stage1_gcvit_tiny",
+        base = cls(image_size=224, mode="paper", stage1_config="stage1_gcvit_tiny",
                    stage1_epochs=None, stage1_overrides=(), holdout_fraction=0.1,
                    export_size=512, export_roi_mm=None, detect_config=None,
                    detect_model="yolov8s", detect_epochs=100, detect_imgsz=640, detect_batch=16,

@@ -74,6 +74,7 @@ __all__ = [
     "require",
     "status",
     "verify",
+    "weights_status",
 ]
 
 HASH_ALGORITHMS = ("md5", "sha256")
@@ -115,6 +116,8 @@ class WeightsEntry:
         tensors: for a ``.safetensors`` file, ``(name, shape)`` pairs that must be in it.
         n_values: for a ``.safetensors`` file, its total number of values (buffers named
             ``relative_position_index`` not counted), or None.
+        config: for a keras-hub preset folder, ``(key, value)`` pairs that its ``config.json``
+            must hold under ``"config"`` (the architecture: a preset of another size is refused).
     """
 
     name: str
@@ -131,6 +134,7 @@ class WeightsEntry:
     members: tuple[str, ...] = ()
     tensors: tuple[tuple[str, tuple[int, ...]], ...] = field(default=(), repr=False)
     n_values: int | None = None
+    config: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.hash_algorithm not in HASH_ALGORITHMS:
@@ -179,6 +183,9 @@ GCVIT_TINY_TENSORS: tuple[tuple[str, tuple[int, ...]], ...] = (
 )
 GCVIT_TINY_VALUES = 28_221_974
 
+_KAGGLE_MODELS = "https://www.kaggle.com/api/v1/models"
+_PRESET_MEMBERS = ("config.json", "model.weights.h5")
+
 #: Every known weights entry. Keras Applications rows: names, URLs and hashes copied from
 #: keras/src/applications/{resnet,inception_v3,convnext,vgg19,densenet}.py (Keras 3.15; a test
 #: compares them with the installed Keras).
@@ -211,12 +218,31 @@ ENTRIES: tuple[WeightsEntry, ...] = (
         description="GCViT-tiny ImageNet-1k, timm layout (the paper's backbone, Section 2.5)",
         tensors=GCVIT_TINY_TENSORS, n_values=GCVIT_TINY_VALUES,
     ),
-    # --- ViT and Swin (keras-hub presets) go here. A preset is a folder: give its .tar.gz
-    # archive as url (hash and size: the archive's) and the files it must hold, e.g.
-    # WeightsEntry(name="vit", file_name="vit_base_patch16_224_imagenet", url="https://...tar.gz",
-    #              hash="<sha256 of the archive>", kind="folder", cache="keras_cspine",
-    #              members=("config.json", "metadata.json", "model.weights.h5"),
-    #              models=("vit",), licence="...", description="ViT-B/16 ImageNet (Table 1)"),
+    # ViT and Swin: keras-hub presets (folders), as Kaggle Models serves them (the archive of a
+    # model version). No archive hash could be pinned offline: the folder is checked by its
+    # files and its config.json's architecture; `fetch` prints the archive's sha256 to pin.
+    WeightsEntry(
+        name="vit", file_name="vit_base_patch32_384_imagenet",
+        url=f"{_KAGGLE_MODELS}/keras/vit/keras/vit_base_patch32_384_imagenet/3/download",
+        hash=None, kind="folder", cache="keras_cspine", members=_PRESET_MEMBERS,
+        config=(("patch_size", [32, 32]), ("num_layers", 12), ("num_heads", 12),
+                ("hidden_dim", 768), ("mlp_dim", 3072)),
+        models=("vit",), licence="Apache-2.0 (Google's ViT ImageNet-21k + ImageNet-1k weights, "
+        "keras-hub preset)",
+        description="ViT-B/32 ImageNet (vit-keras' vit_b32 weights; position table resized "
+        "from 384 to 256 px on load)",
+    ),
+    WeightsEntry(
+        name="swin", file_name="swin_small_patch4_window7_224",
+        url=f"{_KAGGLE_MODELS}/keras/swin-transformer/keras/swin_small_patch4_window7_224/1/"
+        "download",
+        hash=None, kind="folder", cache="keras_cspine", members=_PRESET_MEMBERS,
+        config=(("embed_dim", 96), ("depths", [2, 2, 18, 2]), ("num_heads", [3, 6, 12, 24]),
+                ("window_size", 7)),
+        models=("swin",), licence="MIT (Microsoft's Swin ImageNet weights, keras-hub preset)",
+        description="Swin-S patch 4 window 7 ImageNet backbone (its 1,000-class top starts "
+        "from scratch)",
+    ),
 )  # fmt: skip
 
 
@@ -365,8 +391,10 @@ def check_safetensors(path: str | os.PathLike, item: str | WeightsEntry) -> None
     Raises:
         WeightsFileError: naming the file and the first tensor that does not fit.
     """
-    e = entry(item)
-    header = read_safetensors_header(path)
+    _check_header(read_safetensors_header(path), entry(item), path)
+
+
+def _check_header(header: dict[str, Any], e: WeightsEntry, path: str | os.PathLike) -> None:
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     for key, shape in e.tensors:
         if key not in tensors:
@@ -400,7 +428,9 @@ def _cheap_problem(path: Path, e: WeightsEntry) -> str | None:
         if not path.is_dir():
             return "not a folder"
         missing = [m for m in e.members if not (path / m).is_file()]
-        return f"incomplete preset folder: missing {', '.join(missing)}" if missing else None
+        if missing:
+            return f"incomplete preset folder: missing {', '.join(missing)}"
+        return _preset_config_problem(path, e)
     if not path.is_file():
         return "not a file"
     if e.size is not None and path.stat().st_size != e.size:
@@ -414,6 +444,25 @@ def _cheap_problem(path: Path, e: WeightsEntry) -> str | None:
             check_safetensors(path, e)
         except (WeightsFileError, OSError) as err:
             return getattr(err, "problem", str(err))
+    return None
+
+
+def _preset_config_problem(folder: Path, e: WeightsEntry) -> str | None:
+    """The first architecture field of a preset's config.json that differs from the entry's."""
+    if not e.config:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"config.json is not a keras-hub preset config ({type(err).__name__}: {err})"
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple | list) else value
+
+    for key, expected in e.config:
+        if plain(config.get(key)) != plain(expected):
+            return (f"config.json: {key} is {config.get(key)!r}, the {e.name} weights of Table 1 "
+                    f"have {expected!r} (another variant?)")  # fmt: skip
     return None
 
 
@@ -518,6 +567,49 @@ def status(item: str | WeightsEntry, verify_hash: bool = True) -> tuple[str, Pat
     if e.hash is None:
         return f"present, structure ok (sha256 {digest[:12]}..., not pinned)", path
     return f"present, {e.hash_algorithm} ok", path
+
+
+def weights_status(model_name: str, weights: str | os.PathLike | None) -> dict[str, Any]:
+    """Where a model's configured ``weights`` would come from, without loading or downloading.
+
+    Args:
+        model_name: a registry model name.
+        weights: a config's ``model.weights``: None (random), ``"imagenet"``, an entry name, or
+            a path.
+
+    Returns:
+        ``weights_present`` (True, False, or None for random weights), ``weights_source`` (the
+        file or folder, or what is missing), ``weights_command`` (how to get them, or None) and
+        ``weights_licence``.
+    """
+    if weights is None:
+        return {"weights_present": None, "weights_source": "random initialisation",
+                "weights_command": None, "weights_licence": None}  # fmt: skip
+    weights = os.fspath(weights)
+    names = {e.name for e in ENTRIES}
+    if weights != "imagenet" and weights not in names:
+        present = Path(weights).expanduser().exists()
+        return {"weights_present": present, "weights_source": weights,
+                "weights_command": None if present else f"{weights}: no such file or folder",
+                "weights_licence": None}  # fmt: skip
+    candidates = (entry(weights),) if weights in names else entries_for_model(model_name)
+    if not candidates:
+        return {"weights_present": False,
+                "weights_source": f"no entry for {model_name} in keras_cspine.pretrained.ENTRIES",
+                "weights_command": f"pass a local file or preset folder as model.weights for "
+                                   f"{model_name}",
+                "weights_licence": None}  # fmt: skip
+    e = candidates[0]
+    path = find(e)
+    if path is None and e.is_safetensors and e.cache == "keras_cspine":
+        from keras_cspine.models.weights import resolve_weights
+
+        with contextlib.suppress(WeightsFileError):  # GCViT also finds other local names
+            path = resolve_weights("imagenet", model_name)
+    return {"weights_present": path is not None,
+            "weights_source": str(path or cache_path(e)),
+            "weights_command": None if path else f"keras-cspine weights fetch {e.name}",
+            "weights_licence": e.licence}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import pytest
 
 from keras_cspine.models import baselines as B
 
-TINY_VIT = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
-TINY_SWIN = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 2}
+TINY_VIT = {"patch_size": 8, "num_layers": 5, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
+TINY_SWIN = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 2,
+             "imagenet_top": 10}
 
 
 def _inputs(model, size, n=2, seed=0):
@@ -73,8 +74,42 @@ def test_keras_applications_baselines(name, size):
         assert B.count_parameters(frozen)["trainable"] == head
 
 
-#: Table 1 of the paper, trainable / non-trainable, every row built at 224 px with its
-#: config's freeze (random weights: the counts do not depend on them).
+def test_vit_preset_loads_with_resized_position_table(tmp_path):
+    import keras_hub
+
+    hub = keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), **TINY_VIT)  # a 4 x 4 grid
+    hub.save_to_preset(str(tmp_path / "preset"))
+    model = B.build_model("vit", image_size=48, weights=tmp_path / "preset",
+                          backbone_kwargs=TINY_VIT)  # a 6 x 6 grid  # fmt: skip
+    backbone = model.get_layer("vit_backbone")
+    for i, block in enumerate(hub.get_layer("vit_encoder").encoder_layers):
+        for ours, theirs in zip(backbone.get_layer(f"transformer_block_{i + 1}").weights,
+                                block.weights):  # fmt: skip
+            np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    embed = backbone.get_layer("patching_and_embedding")
+    table = embed.position_embedding.embeddings.numpy()
+    source = hub.get_layer("vit_patching_and_embedding").position_embedding.embeddings.numpy()
+    assert table.shape == (1 + 36, 16)
+    np.testing.assert_array_equal(table[0], source[0])  # the class token's row is kept
+    np.testing.assert_allclose(table, B.resize_position_embedding(source, 37))
+    # a preset of another depth names the folder
+    with pytest.raises(ValueError, match="preset.*5 blocks of 16 does not fit 2 blocks"):
+        B.build_model("vit", image_size=32, weights=tmp_path / "preset", freeze="none",
+                      backbone_kwargs={**TINY_VIT, "num_layers": 2})  # fmt: skip
+
+
+def test_resize_position_embedding():
+    table = np.random.default_rng(0).normal(size=(1 + 16, 3)).astype("float32")
+    np.testing.assert_allclose(B.resize_position_embedding(table, 17), table, atol=1e-6)
+    bigger = B.resize_position_embedding(table, 1 + 64)
+    assert bigger.shape == (65, 3) and bigger.dtype == np.float32
+    np.testing.assert_array_equal(bigger[0], table[0])
+    with pytest.raises(ValueError, match="square"):
+        B.resize_position_embedding(table, 20)
+
+
+#: Table 1 of the paper, trainable / non-trainable, every row built with its config's freeze
+#: (random weights: the counts do not depend on them), at 224 px; ViT at 256 px (below).
 TABLE1_ROWS = [
     ("gcvit_tiny", "Proposed (GCViT)", 13_080_663, 14_683_998),
     ("vit", "ViT", 56_937_479, 30_764_544),
@@ -93,10 +128,15 @@ def test_table1_rows_have_the_paper_parameter_counts(name, row, trainable, non_t
     spec = B.get_spec(name)
     assert spec.paper == row and spec.paper_parameters == (trainable, non_trainable)
     config = load_stage1_config(f"stage1_{name}")
-    model = B.build_model(name, image_size=224, freeze=config.model.freeze,
+    assert config.data.image_size == spec.paper_size == (256 if name == "vit" else 224)
+    model = B.build_model(name, image_size=spec.paper_size, freeze=config.model.freeze,
                           **dict(config.model.options))  # fmt: skip
     counts = B.count_parameters(model)
     assert (counts["trainable"], counts["non_trainable"]) == (trainable, non_trainable)
+    if name == "vit":  # at 224 px the table has 7 x 7 + 1 position rows instead of 8 x 8 + 1
+        at_224 = B.count_parameters(B.build_model(name, image_size=224))
+        assert at_224["trainable"] == trainable
+        assert at_224["non_trainable"] == non_trainable - 15 * 768
 
 
 @pytest.mark.parametrize("freeze, frozen", [("all_but_last:1", 3), ("all_but_last:3", 1),
@@ -153,7 +193,8 @@ def test_imagenet_weights_never_download(tmp_path, monkeypatch):
     with pytest.raises(B.WeightsNotFoundError,
                        match="resnet152v2_weights.*keras-cspine weights fetch resnet152v2"):
         B.build_model("resnet152v2", image_size=32, weights="imagenet")
-    with pytest.raises(B.WeightsNotFoundError, match="Kaggle"):
+    monkeypatch.setenv("KERAS_CSPINE_WEIGHTS", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="keras-cspine weights fetch vit"):
         B.build_model("vit", image_size=32, weights="imagenet", backbone_kwargs=TINY_VIT)
     with pytest.raises(B.WeightsNotFoundError, match="not found"):
         B.build_model("vgg19", image_size=32, weights=tmp_path / "missing.weights.h5")
@@ -197,5 +238,7 @@ def test_saved_baseline_round_trips(tmp_path):
 def test_freeze_backbone_leaves_the_head():
     model = B.build_model("vit", image_size=32, freeze="backbone", backbone_kwargs=TINY_VIT)
     counts = B.count_parameters(model)
-    head = 256 * (16 + 1) + 7 * (256 + 1)  # pooled tokens -> Dense(256) -> Dense(7)
-    assert counts["trainable"] == head and counts["non_trainable"] > 0
+    # class token -> BN -> Dense(256) -> BN -> Dense(128) -> BN -> Dense(7)
+    norms = 2 * (16 + 256 + 128)  # scale and offset (trainable); as many statistics (not)
+    head = norms + 256 * (16 + 1) + 128 * (256 + 1) + 7 * (128 + 1)
+    assert counts["trainable"] == head and counts["non_trainable"] > norms

@@ -65,7 +65,7 @@ def test_settings_validation_and_paper_preset():
         DemoSettings(studies=2)
     paper = DemoSettings.paper()
     assert (paper.stage1_config, paper.image_size, paper.detect_model, paper.detect_epochs,
-            paper.detect_imgsz, paper.mode) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640, "bone")  # fmt: skip
+            paper.detect_imgsz, paper.mode) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640, "paper")  # fmt: skip
     assert paper.export_roi_mm is None and paper.detect_config is None  # whole slices, as the paper
 
 

@@ -45,7 +45,7 @@ keras-hub (``vit``, ``swin``) is the optional extra ``baselines`` and is importe
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,10 @@ class ModelSpec:
             model has one (64 units, Figure 5); the baselines' counts in Table 1 say they go
             straight from pooling to Dense(256).
         paper_parameters: ``(trainable, non_trainable)`` as Table 1 prints them, for the rows
-            of the table (built at 224 px with the default freeze).
+            of the table (built at ``paper_size`` with the default freeze).
         weights: the :mod:`keras_cspine.pretrained` entry holding its ImageNet weights.
+        head: other head defaults of the classifier (``head_units``, ``head_norm``).
+        paper_size: the image side at which the paper's counts hold (ViT: 256).
     """
 
     name: str
@@ -158,6 +160,8 @@ class ModelSpec:
     image_dense: int | None = 64
     paper_parameters: tuple[int, int] | None = None
     weights: str | None = None
+    head: Mapping[str, Any] = field(default_factory=dict)
+    paper_size: int = 224
 
 
 def _keras_cache_file(file_name: str) -> Path | None:
@@ -228,41 +232,126 @@ def _keras_hub():
     return keras_hub
 
 
-VIT_B16 = {"patch_size": 16, "num_layers": 12, "num_heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
-SWIN_T = {"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "window_size": 7}
+#: ViT-B/32 (vit-keras' ``vit_b32``, keras-hub's ``vit_base_patch32_*``): Table 1's ViT row is
+#: this network at 256 px (8 x 8 patches and a class token).
+VIT_B32 = {"patch_size": 32, "num_layers": 12, "num_heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
+#: Swin-S, patch 4, window 7 (keras-hub's ``swin_small_patch4_window7_224``).
+SWIN_S = {"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "window_size": 7}
 
 
-def _hub_backbone(
-    name: str, kind: str, preprocess: str, defaults: dict[str, Any]
-) -> Callable[..., keras.Model]:
-    """keras-hub ViT / Swin as a registered backbone (tokens are averaged into a vector)."""
+@keras.saving.register_keras_serializable(package="keras_cspine")
+class ClassToken(keras.layers.Layer):
+    """The class token of a ViT's output sequence: ``(B, 1 + patches, C) -> (B, C)``."""
 
-    def build(image_size, weights=None, **kwargs) -> keras.Model:
-        keras_hub = _keras_hub()
-        cls = getattr(keras_hub.models, kind)
-        h, w = image_size
-        if weights == "imagenet":
-            raise WeightsNotFoundError(
-                f"{name}: keras-hub presets are downloaded from Kaggle, which this package never "
-                f"does; pass the path of a local preset folder as weights instead"
-            )
-        if weights is not None:
-            if not Path(weights).is_dir():
-                raise WeightsNotFoundError(f"{weights}: not a local keras-hub preset folder")
-            hub = cls.from_preset(str(weights), image_shape=(h, w, 3))
-        else:
-            config = {**defaults, **kwargs}
-            for key in ("depths", "num_heads"):
-                if isinstance(config.get(key), list):
-                    config[key] = tuple(config[key])
-            hub = cls(image_shape=(h, w, 3), **config)
-        inputs = keras.Input((h, w, 3), name="pixels")
-        x = hub(ImagePreprocessing(preprocess, name="preprocess")(inputs))
-        if len(x.shape) == 3:  # (B, tokens, C): average the tokens
-            x = keras.layers.GlobalAveragePooling1D(name="token_pool")(x)
-        return keras.Model(inputs, x, name=f"{name}_backbone")
+    def call(self, inputs):
+        return inputs[:, 0]
 
-    return build
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+
+def _vit_backbone(image_size, weights=None, patch_size=32, num_layers=12, num_heads=12,
+                  hidden_dim=768, mlp_dim=3072, layer_norm_epsilon=1e-6) -> keras.Model:
+    """ViT as one flat functional model: embedding, one layer per encoder block, norm, class token.
+
+    Made of keras-hub's own ViT layers (``ViTPatchingAndEmbedding``, ``ViTEncoderBlock``), laid
+    out as vit-keras laid them out, so that freezing counts blocks as the paper's fine-tuning did
+    (``transformer_block_4``: the embeddings and the first four blocks). ``weights``: a local
+    keras-hub ViT preset folder; its position embeddings are resized to this image size.
+    """
+    _keras_hub()
+    from keras_hub.src.models.vit.vit_layers import ViTEncoderBlock, ViTPatchingAndEmbedding
+
+    h, w = image_size
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"vit: image_size {h}x{w} is not a multiple of patch_size {patch_size}")
+    inputs = keras.Input((h, w, 3), name="pixels")
+    x = ImagePreprocessing("tf", name="preprocess")(inputs)
+    x = ViTPatchingAndEmbedding(image_size=(h, w), patch_size=(patch_size, patch_size),
+                                hidden_dim=hidden_dim, num_channels=3,
+                                name="patching_and_embedding")(x)  # fmt: skip
+    for i in range(num_layers):
+        x = ViTEncoderBlock(num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+                            layer_norm_epsilon=layer_norm_epsilon,
+                            name=f"transformer_block_{i + 1}")(x)  # fmt: skip
+    x = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="encoder_norm")(x)
+    backbone = keras.Model(inputs, ClassToken(name="class_token")(x), name="vit_backbone")
+    if weights is not None:
+        _load_vit_preset(backbone, _preset_folder(weights, "vit"), num_layers)
+    return backbone
+
+
+def _preset_folder(weights, name: str) -> Path:
+    if weights == "imagenet":
+        from keras_cspine.pretrained import require
+
+        return require(name)
+    if not Path(weights).is_dir():
+        raise WeightsNotFoundError(f"{weights}: not a local keras-hub preset folder")
+    return Path(weights)
+
+
+def _load_vit_preset(backbone: keras.Model, folder: Path, num_layers: int) -> None:
+    """Copy a keras-hub ViT preset into the flat ViT, resizing the position embeddings."""
+    from keras_cspine.models.weights import WeightsFileError
+
+    keras_hub = _keras_hub()
+    hub = keras_hub.models.ViTBackbone.from_preset(str(folder))
+    if hub.num_layers != num_layers or hub.hidden_dim != backbone.output_shape[-1]:
+        raise WeightsFileError(
+            folder, f"a ViT with {hub.num_layers} blocks of {hub.hidden_dim} does not fit "
+            f"{num_layers} blocks of {backbone.output_shape[-1]}",
+        )  # fmt: skip
+    source = hub.get_layer("vit_patching_and_embedding")
+    target = backbone.get_layer("patching_and_embedding")
+    values = [keras.ops.convert_to_numpy(v) for v in source.weights]
+    for i, (variable, value) in enumerate(zip(target.weights, values)):
+        if "position" in variable.path and tuple(value.shape) != tuple(variable.shape):
+            values[i] = resize_position_embedding(value, int(variable.shape[0]))
+    target.set_weights(values)
+    for i, block in enumerate(hub.get_layer("vit_encoder").encoder_layers):
+        backbone.get_layer(f"transformer_block_{i + 1}").set_weights(block.get_weights())
+    backbone.get_layer("encoder_norm").set_weights(
+        hub.get_layer("vit_encoder").layer_norm.get_weights())
+
+
+def resize_position_embedding(table: np.ndarray, rows: int) -> np.ndarray:
+    """A ViT position table ``(1 + g*g, C)`` resized to ``rows = 1 + n*n`` (bilinear on the grid,
+    class token kept), as vit-keras and timm do when weights meet another image size."""
+    from scipy.ndimage import zoom
+
+    old, new = round((table.shape[0] - 1) ** 0.5), round((rows - 1) ** 0.5)
+    if old * old + 1 != table.shape[0] or new * new + 1 != rows:
+        raise ValueError(f"position tables {table.shape[0]} -> {rows} are not 1 + square grids")
+    grid = table[1:].reshape(old, old, -1)
+    grid = zoom(grid, (new / old, new / old, 1), order=1)
+    return np.concatenate([table[:1], grid.reshape(new * new, -1)]).astype(table.dtype)
+
+
+def _swin_backbone(image_size, weights=None, imagenet_top: int = 1000, **kwargs) -> keras.Model:
+    """keras-hub's Swin Transformer with its ImageNet classification top kept.
+
+    Table 1's Swin row is Swin-S with the 1,000-logit ImageNet layer still on top (a hub
+    classification model, as TF-Hub served Swin in 2023), all of it trainable.
+    ``imagenet_top=0`` drops that layer. ``weights``: a local keras-hub preset folder.
+    """
+    keras_hub = _keras_hub()
+    h, w = image_size
+    if weights is not None:
+        hub = keras_hub.models.SwinTransformerBackbone.from_preset(
+            str(_preset_folder(weights, "swin")), image_shape=(h, w, 3))  # fmt: skip
+    else:
+        config = {**SWIN_S, **kwargs}
+        for key in ("depths", "num_heads"):
+            config[key] = tuple(config[key])
+        hub = keras_hub.models.SwinTransformerBackbone(image_shape=(h, w, 3), **config)
+    inputs = keras.Input((h, w, 3), name="pixels")
+    x = hub(ImagePreprocessing("torch", name="preprocess")(inputs))
+    x = keras.layers.GlobalAveragePooling1D(name="token_pool")(keras.layers.Reshape(
+        (-1, x.shape[-1]), name="tokens")(x))  # fmt: skip
+    if imagenet_top:
+        x = keras.layers.Dense(imagenet_top, name="imagenet_top")(x)
+    return keras.Model(inputs, x, name="swin_backbone")
 
 
 def _build_metadata_only(
@@ -304,16 +393,19 @@ PAPER_PARAMETERS = {
     "Swin": (49_899_081, 2_768),
 }
 
+# ViT and Swin end in the head their counts show: BatchNorm -> Dense(256) -> BatchNorm ->
+# Dense(128) -> BatchNorm -> Dense(7) (the BatchNorm statistics are Swin's 2,768 non-trainable).
+_BN_HEAD = {"head_units": (256, 128), "head_norm": "batch"}
+
 VIT_SPEC = ModelSpec(
-    "vit", "image", "keras_hub ViTBackbone (ViT-B/16 shape), image only", paper="ViT",
-    backbone=_hub_backbone("vit", "ViTBackbone", "tf", VIT_B16), default_freeze="none",
-    image_dense=None, paper_parameters=PAPER_PARAMETERS["ViT"], weights="vit",
+    "vit", "image", "ViT-B/32 (keras-hub layers), class token, image only", paper="ViT",
+    backbone=_vit_backbone, default_freeze="transformer_block_4", image_dense=None,
+    paper_parameters=PAPER_PARAMETERS["ViT"], weights="vit", head=_BN_HEAD, paper_size=256,
 )
 SWIN_SPEC = ModelSpec(
-    "swin", "image", "keras_hub SwinTransformerBackbone (Swin-T shape), image only",
-    paper="Swin", backbone=_hub_backbone("swin", "SwinTransformerBackbone", "torch", SWIN_T),
-    default_freeze="none", image_dense=None, paper_parameters=PAPER_PARAMETERS["Swin"],
-    weights="swin",
+    "swin", "image", "keras-hub Swin-S (patch 4, window 7) + ImageNet top, image only",
+    paper="Swin", backbone=_swin_backbone, default_freeze="none", image_dense=None,
+    paper_parameters=PAPER_PARAMETERS["Swin"], weights="swin", head=_BN_HEAD,
 )
 
 # The cuts below are the ones that give Table 1's counts exactly at 224 px: the backbone's
@@ -450,6 +542,8 @@ def build_model(
     elif spec.inputs == "image":
         kwargs.setdefault("name", name)
         kwargs.setdefault("image_dense", spec.image_dense)
+        for key, value in spec.head.items():
+            kwargs.setdefault(key, value)
         kwargs.setdefault("rescaling", "none")  # each baseline backbone preprocesses itself
         model = build_image_classifier(
             backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,

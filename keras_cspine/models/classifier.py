@@ -164,6 +164,8 @@ class MultiInputClassifier(keras.Model):
         image_dense: units of the Dense after pooling the image features (None: no layer).
         metadata_units: Dense layers of the metadata branch.
         head_units: Dense layers after the concatenation.
+        head_norm: ``"batch"`` puts a BatchNormalization before each head Dense layer and the
+            output (the head of the paper's ViT and Swin rows); None (the default): none.
         activation: activation of the hidden Dense layers.
         dropout: dropout rate before each head Dense layer (0: none, as the paper).
         rescaling: pixel normalisation inside the model: ``"imagenet"`` (mean/std after /255),
@@ -196,6 +198,7 @@ class MultiInputClassifier(keras.Model):
         image_dense: int | None = 64,
         metadata_units: Sequence[int] = (16, 16),
         head_units: Sequence[int] = (256,),
+        head_norm: str | None = None,
         activation: str = "relu",
         dropout: float = 0.0,
         rescaling: str = "imagenet",
@@ -217,6 +220,8 @@ class MultiInputClassifier(keras.Model):
             raise ValueError(f"image_dense must be a positive int or None, got {image_dense!r}")
         metadata_units = _units(metadata_units, "metadata_units")
         head_units = _units(head_units, "head_units")
+        if head_norm not in (None, "batch"):
+            raise ValueError(f"head_norm must be None or 'batch', got {head_norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if rescaling not in RESCALING:
@@ -267,9 +272,13 @@ class MultiInputClassifier(keras.Model):
                 m = keras.layers.Dense(units, activation=activation, name=f"metadata_dense_{i}")(m)
             x = keras.layers.Concatenate(name="concat")([x, m])
         for i, units in enumerate(head_units):
+            if head_norm:
+                x = keras.layers.BatchNormalization(name=f"head_norm_{i}")(x)
             if dropout:
                 x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}")(x)
             x = keras.layers.Dense(units, activation=activation, name=f"head_dense_{i}")(x)
+        if head_norm:
+            x = keras.layers.BatchNormalization(name="output_norm")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name="output_dropout")(x)
         outputs = keras.layers.Dense(
@@ -288,6 +297,7 @@ class MultiInputClassifier(keras.Model):
         self.image_dense = image_dense
         self.metadata_units = metadata_units
         self.head_units = head_units
+        self.head_norm = head_norm
         self.activation = activation
         self.dropout = float(dropout)
         self.rescaling = rescaling
@@ -309,6 +319,7 @@ class MultiInputClassifier(keras.Model):
             "image_dense": self.image_dense,
             "metadata_units": list(self.metadata_units),
             "head_units": list(self.head_units),
+            "head_norm": self.head_norm,
             "activation": self.activation,
             "dropout": self.dropout,
             "rescaling": self.rescaling,

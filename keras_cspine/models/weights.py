@@ -111,11 +111,11 @@ def resolve_weights(weights: str | os.PathLike, variant: str | None) -> Path:
         where = weights_cache_dirs()[0]
         raise WeightsFileError(
             where,
-            f"no local ImageNet weights for {variant} (nothing is downloaded). Searched: "
-            + ", ".join(str(p) for p in candidates[:6])
-            + f" ... Put timm's {variant}.in1k model.safetensors (from "
-            f"https://huggingface.co/timm/{variant}.in1k) at {where / (variant + '.in1k.safetensors')}"
-            f" or set KERAS_CSPINE_WEIGHTS to its folder. {LICENSE_NOTICE}.",
+            f"no local ImageNet weights for {variant} (nothing is downloaded on its own). Get "
+            f"them with `keras-cspine weights fetch {variant}`, or bring timm's {variant}.in1k "
+            f"model.safetensors and run `keras-cspine weights add FILE --name {variant}`. "
+            f"Searched: " + ", ".join(str(p) for p in candidates[:6])
+            + f" ... {LICENSE_NOTICE}.",
         )
     path = Path(weights).expanduser()
     if not path.is_file():
