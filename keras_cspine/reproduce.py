@@ -55,7 +55,7 @@ def reproduce_table1(
 
     from keras_cspine.evaluate import table1_frame, write_table
     from keras_cspine.models.baselines import get_spec
-    from keras_cspine.train import load_stage1_config, resolve_prepared, train_stage1
+    from keras_cspine.train import check_weights, load_stage1_config, resolve_prepared, train_stage1
     from keras_cspine.utils import write_json
 
     if not models:
@@ -66,6 +66,8 @@ def reproduce_table1(
     out.mkdir(parents=True, exist_ok=True)
     settings = [_row_settings(model, overrides) for model in models]
     configs = [load_stage1_config(name, sets) for name, sets in settings]
+    for config in configs:  # every row's weights are here before the first row trains
+        check_weights(config)
     prepared = resolve_prepared(data, configs[0], out / "prepared")
     rows = []
     for config, (config_name, sets) in zip(configs, settings):

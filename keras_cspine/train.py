@@ -454,6 +454,29 @@ def _scope(strategy):
     return strategy.scope() if hasattr(strategy, "scope") else strategy
 
 
+def check_weights(config: Stage1Config) -> None:
+    """Refuse, before any work, a run whose weights are missing or whose frozen layers would
+    stay random (:class:`~keras_cspine.config.ConfigError` naming the weights and the command
+    that gets them). Nothing is downloaded here."""
+    from keras_cspine.models.baselines import frozen_random_problem
+    from keras_cspine.pretrained import weights_status
+
+    model = config.model
+    problem = frozen_random_problem(model.name, model.weights, model.freeze)
+    if problem:
+        raise ConfigError(f"{config.name}: {problem}")
+    if model.weights is not None and str(model.weights).endswith(".weights.h5"):
+        status = {"weights_present": Path(model.weights).is_file(), "weights_source": model.weights,
+                  "weights_command": "train a model first, or pass another file"}  # fmt: skip
+    else:
+        status = weights_status(model.name, model.weights)
+    if status["weights_present"] is False:
+        raise ConfigError(
+            f"{config.name}: the {model.weights} weights of {model.name} are not here "
+            f"({status['weights_source']}); get them with `{status['weights_command']}`"
+        )
+
+
 def build_and_compile(config: Stage1Config, image_size: int):
     """Build the registry model of ``config`` and compile it (BCE, macro F1, Adam)."""
     keras = _keras()
@@ -507,11 +530,8 @@ def train_stage1(
         verbose: passed to ``model.fit``.
     """
     from keras_cspine.data import split_prepared
-    from keras_cspine.models.baselines import frozen_random_problem
 
-    problem = frozen_random_problem(config.model.name, config.model.weights, config.model.freeze)
-    if problem:
-        raise ConfigError(f"{config.name}: {problem}")
+    check_weights(config)
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     backup_dir = run_dir / "backup"
