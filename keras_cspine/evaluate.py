@@ -55,11 +55,11 @@ PAPER_TABLE1: dict[str, tuple[float, float, float]] = {
     "Swin": (0.95, 0.909, 1.36),
 }
 #: Parameter counts of the proposed model in Table 1.
-PAPER_PARAMETERS = {"trainable": 13_080_663, "non_trainable": 14_683_998}
 
 TABLE1_COLUMNS = (
     "row", "model", "macro_f1", "exact_match_ratio", "coverage_error", "trainable",
     "non_trainable", "paper_macro_f1", "paper_exact_match_ratio", "paper_coverage_error",
+    "paper_trainable", "paper_non_trainable",
     "split", "n_studies", "n_slices", "image_size", "data",
 )  # fmt: skip
 
@@ -153,7 +153,10 @@ def table1_row(
     **extra: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """One Table 1 row: our figures beside the paper's (blank for models outside the table)."""
+    from keras_cspine.models.baselines import PAPER_PARAMETERS
+
     paper = PAPER_TABLE1.get(row or "", (math.nan, math.nan, math.nan))
+    paper_counts = PAPER_PARAMETERS.get(row or "", (None, None))
     out = {
         "row": row or model_name,
         "model": model_name,
@@ -165,6 +168,8 @@ def table1_row(
         "paper_macro_f1": paper[0],
         "paper_exact_match_ratio": paper[1],
         "paper_coverage_error": paper[2],
+        "paper_trainable": paper_counts[0],
+        "paper_non_trainable": paper_counts[1],
     }
     out.update(extra)
     return out

@@ -166,14 +166,14 @@ model is GCViT-xxtiny at 64 px; on Kaggle the paper's GCViT-tiny at 224 px.
     code(PREPARE),
     md("## The paper's model: exact Table 1 parameter counts"),
     code('''from keras_cspine.models.baselines import build_model, count_parameters
-from keras_cspine.evaluate import PAPER_PARAMETERS
+from keras_cspine.models.baselines import PAPER_PARAMETERS
 
 if SMALL:   # GCViT-tiny at 224 px takes a little while to build on a small CPU
     counts = count_parameters(build_model("gcvit_xxtiny", image_size=64, freeze="none"))
     print("GCViT-xxtiny at 64 px:", counts)
 else:
     counts = count_parameters(build_model("gcvit_tiny", image_size=224))
-    print("GCViT-tiny, levels 0-2 frozen:", counts, "| paper:", PAPER_PARAMETERS)'''),
+    print("GCViT-tiny, levels 0-2 frozen:", counts, "| paper:", PAPER_PARAMETERS["Proposed (GCViT)"])'''),
     md("## Training (resumable run directory: config, log, best model, metrics, figures)"),
     code('''from keras_cspine.train import load_stage1_config, train_stage1
 
@@ -184,6 +184,11 @@ if SMALL:
 elif not USE_KAGGLE:
     overrides += ["train.epochs=6"]
 config = load_stage1_config(CONFIG, overrides)
+if USE_KAGGLE:  # the paper's GCViT starts from timm's ImageNet weights (NVIDIA, CC-BY-NC-SA-4.0)
+    from keras_cspine.pretrained import fetch, find
+
+    if find("gcvit_tiny") is None:
+        fetch("gcvit_tiny")  # needs the notebook's internet switch on, or `weights add FILE`
 STAGE1 = WORK / "stage1"
 summary = train_stage1(config, PREPARED, STAGE1, overwrite=True, verbose=2)
 print("best validation macro F1:", round(summary["best_val_f1_score"], 4))'''),

@@ -37,8 +37,10 @@ def _config(*overrides):
 @pytest.mark.slow
 def test_cli_trains_and_writes_the_run_directory(prepared, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main([str(prepared), "--run-dir", str(run_dir), "--quiet", "--set", "model.name=vit",
-                 "--set", TINY_VIT, "--set", "train.epochs=2",
+    # the paper's ViT config, shrunk: random weights are allowed once nothing is frozen
+    code = main([str(prepared), "--run-dir", str(run_dir), "--quiet", "--config", "stage1_vit",
+                 "--set", "model.weights=null", "--set", "model.freeze=none", "--set", TINY_VIT,
+                 "--set", "train.epochs=2", "--set", "sequence.enabled=true",
                  *[a for o in FAST for a in ("--set", o)]])  # fmt: skip
     assert code == 0
     for name in ("config.yaml", "splits.json", "data.json", "model.keras", "training_log.csv",
@@ -133,9 +135,9 @@ def test_paper_configs_follow_the_paper_recipe(name):
 
     config = load_stage1_config(f"stage1_{name}")
     spec = get_spec(name)
-    assert config.model.name == name and config.data.image_size == 224
+    assert config.model.name == name and config.data.image_size == spec.paper_size
     assert config.paper_row == spec.paper
-    assert config.data.prepare_mode == "paper" and config.data.prepare_size == 224
+    assert config.data.prepare_mode == "paper" and config.data.prepare_size == spec.paper_size
     assert config.model.weights == "imagenet"
     assert config.model.freeze == spec.default_freeze  # the cut that gives Table 1's counts
     assert config.train.epochs == 25
