@@ -328,6 +328,9 @@ class MultiInputClassifier(keras.Model):
             "output_activation": self.output_activation,
             "output_name": self.output_name,
             "name": self.name,
+            # the mixed-precision policy it was built under (mixed_float16 runs reload mixed,
+            # with their loss-scale state), as Keras' own functional models keep it per layer
+            "dtype_policy": self.dtype_policy.name,
         }
 
     @classmethod
@@ -335,7 +338,15 @@ class MultiInputClassifier(keras.Model):
         config = dict(config)
         if isinstance(config.get("backbone"), dict):
             config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
+        policy = config.pop("dtype_policy", None)
+        if policy is None or policy == keras.config.dtype_policy().name:
+            return cls(**config)
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(policy)
+        try:
+            return cls(**config)
+        finally:
+            keras.config.set_dtype_policy(previous)
 
 
 def build_multi_input_classifier(
