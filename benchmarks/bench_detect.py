@@ -37,7 +37,7 @@ def _images(data: str | None, n: int, size: int, seed: int) -> list[np.ndarray]:
         if not paths:
             raise SystemExit(f"{folder}: no images")
         return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    from keras_cspine.preprocess import to_model_image
+    from keras_cspine.data.preprocess import to_model_image
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] / size
@@ -75,14 +75,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from keras_cspine.detection.offline import import_ultralytics
+    from keras_cspine.stage2.offline import import_ultralytics
 
     import_ultralytics()
     import torch
     from ultralytics import YOLO
 
-    from keras_cspine.detection.onnx_predictor import OnnxDetector
-    from keras_cspine.detection.ultralytics_train import export_onnx
+    from keras_cspine.stage2.onnx_predictor import OnnxDetector
+    from keras_cspine.stage2.ultralytics_train import export_onnx
 
     torch.set_num_threads(args.threads)
     images = _images(args.data, args.images, args.size, seed=0)

@@ -1,5 +1,5 @@
 """Does ``model.fit`` on a CSpineSequence lose its time in the kernel? With and without
-:class:`keras_cspine.data.KeepFreedMemory`, side by side.
+:class:`keras_cspine.stage1.dataset.KeepFreedMemory`, side by side.
 
 Serves the paper's Section 2.5 training setup (the generator fed through ``tf.data``). TensorFlow's
 generator dataset lowers glibc's trim threshold, which turns every large tensor into an
@@ -30,9 +30,9 @@ def child(prepared: str, keep: bool, size: int, batch: int, steps: int, epochs: 
     """One variant, in this process: wall/user/system seconds of ``epochs`` timed epochs."""
     import keras
 
-    from keras_cspine.data import CSpineSequence, KeepFreedMemory
-    from keras_cspine.models.baselines import build_model
-    from keras_cspine.train import build_training_state
+    from keras_cspine.stage1.dataset import CSpineSequence, KeepFreedMemory
+    from keras_cspine.stage1.models.baselines import build_model
+    from keras_cspine.stage1.train import build_training_state
 
     keras.utils.set_random_seed(0)
     sequence = CSpineSequence(prepared, batch_size=batch, image_size=size, shuffle=True, seed=0)

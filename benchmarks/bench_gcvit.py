@@ -112,7 +112,7 @@ def run_benchmark(args) -> list[dict]:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, args.threads)))
         import keras
 
-        from keras_cspine.models.gcvit import build_gcvit
+        from keras_cspine.stage1.models.gcvit import build_gcvit
 
         keras.utils.set_random_seed(0)
         x = np.random.default_rng(0).normal(size=(args.batch, args.size, args.size, 3))

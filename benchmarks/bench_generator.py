@@ -50,7 +50,7 @@ def make_cache(root: Path, size: int, studies: int = 4, slices: int = 64, seed: 
 
 def generator_rate(prepared: Path, size: int, batch: int, batches: int, augment: bool) -> float:
     """Images per second of ``CSpineSequence.__getitem__`` (one process)."""
-    from keras_cspine.data import CSpineSequence
+    from keras_cspine.stage1.dataset import CSpineSequence
 
     seq = CSpineSequence(prepared, batch_size=batch, image_size=size, shuffle=True,
                          augment=augment, seed=0)  # fmt: skip
@@ -67,7 +67,7 @@ def model_rate(model_name: str, size: int, batch: int, steps: int) -> float:
     """Training images per second of a registry model (random data, after one warm-up step)."""
     import keras
 
-    from keras_cspine.models.baselines import build_model, get_spec
+    from keras_cspine.stage1.models.baselines import build_model, get_spec
 
     model = build_model(model_name, image_size=size)
     model.compile("adam", "binary_crossentropy", jit_compile=False)

@@ -2,7 +2,7 @@
 
 Serves the paper's two-stage system (Sections 2.5-2.6) as a deployable pipeline: one synthetic
 study of ``--slices`` axial slices (default 300, 512 x 512, written once into ``--out``) goes
-through ``keras_cspine.pipeline.predict_study`` and the report of ``keras_cspine.report``, with
+through ``keras_cspine.pipeline.predict.predict_study`` and the report of ``keras_cspine.pipeline.report``, with
 stage 2 gated by stage 1 (the default) and not gated. Printed: seconds per study for both, their
 ratio, the share of the time in each step (read, stage 1, stage 2, report) and the fraction of
 slices stage 2 saw. Results go to ``OUT/bench_pipeline.json``.
@@ -40,7 +40,7 @@ STEPS = ("read", "stage1", "stage2", "report")
 
 def ensure_study(folder: Path, slices: int, size: int, seed: int = 0) -> Path:
     """One synthetic study of exactly ``slices`` slices of ``size`` px (written once)."""
-    from keras_cspine.synthetic import Preset, generate_study
+    from keras_cspine.synthetic.dataset import Preset, generate_study
 
     images = folder / "test_images"
     done = [p for p in images.glob("*") if p.is_dir()] if images.is_dir() else []
@@ -61,7 +61,7 @@ def random_stage2(folder: Path, paper: bool) -> Path:
     onnx = folder / f"{yolo}_{imgsz}.onnx"
     if not onnx.is_file():
         code = (
-            "import sys; from keras_cspine.detection.offline import import_ultralytics; "
+            "import sys; from keras_cspine.stage2.offline import import_ultralytics; "
             "import_ultralytics(); from ultralytics import YOLO; import shutil; "
             f"p = YOLO('{yolo}.yaml').export(format='onnx', imgsz={imgsz}, simplify=False, "
             "dynamic=False, device='cpu'); shutil.move(p, sys.argv[1])"
@@ -77,15 +77,15 @@ def random_stage1(folder: Path, paper: bool) -> Path:
     name, size = ("gcvit_tiny", 224) if paper else ("gcvit_xxtiny", 64)
     keras_path = folder / f"{name}_{size}.keras"
     if not keras_path.is_file():
-        from keras_cspine.models.baselines import build_model
+        from keras_cspine.stage1.models.baselines import build_model
 
         build_model(name, image_size=size, freeze="none").save(keras_path)
     return keras_path
 
 
 def time_study(folder: Path, stage1, stage2, config, report_dir: Path) -> dict[str, float]:
-    from keras_cspine.pipeline import predict_study
-    from keras_cspine.report import write_study_report
+    from keras_cspine.pipeline.predict import predict_study
+    from keras_cspine.pipeline.report import write_study_report
 
     result = predict_study(folder, stage1, stage2, config)
     started = time.perf_counter()
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     folder = ensure_study(out / "data", args.slices, args.size)
     stage1_path, stage2_path, source = args.stage1, args.stage2, "given"
     if not args.paper and stage1_path is None and stage2_path is None:
-        from keras_cspine.pipeline import find_latest_stage1, find_latest_stage2
+        from keras_cspine.pipeline.predict import find_latest_stage1, find_latest_stage2
 
         stage1_path, stage2_path = find_latest_stage1(args.runs), find_latest_stage2(args.runs)
         source = f"latest runs in {args.runs}"
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         stage1_path = random_stage1(out / "models", args.paper)
         source = "random paper-sized" if args.paper else "random stage 1 (no run found)"
 
-    from keras_cspine.pipeline import PredictConfig, Stage1Model, Stage2Model
+    from keras_cspine.pipeline.predict import PredictConfig, Stage1Model, Stage2Model
 
     stage1 = Stage1Model.load(stage1_path)
     stage2 = Stage2Model.load(stage2_path, conf=args.box_conf)

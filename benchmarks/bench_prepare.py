@@ -4,7 +4,7 @@ In one run, on one synthetic JPEG-lossless study (600 slices of 512 x 512 by def
 - naive: for each file, pydicom read + Algorithm 1 (YBR_FULL workaround, min-max, uint8, RGB) +
   resize to the model size, one slice at a time in one process (Algorithm 1 as the paper writes
   it, Section 2.4);
-- ours: `keras_cspine.prepare.prepare_dataset(mode="paper")`, chunks of slices over all cores,
+- ours: `keras_cspine.data.prepare.prepare_dataset(mode="paper")`, chunks of slices over all cores,
   dicomsdl decoding when installed, writing the memory-mapped cache.
 Prints slices per second for both, their ratio, and the peak memory (RSS of the whole process
 tree, workers included). Targets on 2 cores: ratio >= 3, peak < 1 GB.
@@ -76,7 +76,7 @@ class ProcessTreeMonitor:
 
 
 def make_study(root: Path, n_slices: int) -> Path:
-    from keras_cspine.synthetic import PRESETS, Preset, generate_study
+    from keras_cspine.synthetic.dataset import PRESETS, Preset, generate_study
 
     full = PRESETS["full"]
     preset = Preset("bench", (512,), full.fov_mm, (0.15, 0.3), (n_slices, n_slices), full.noise_hu,
@@ -87,7 +87,7 @@ def make_study(root: Path, n_slices: int) -> Path:
 
 
 def naive_loop(folder: Path, size: int):
-    from keras_cspine.preprocess import paper_algorithm1, resize_square
+    from keras_cspine.data.preprocess import paper_algorithm1, resize_square
 
     files = sorted(folder.glob("*.dcm"), key=lambda p: int(p.stem))
     out = []
@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--keep", help="folder for the study (reused when it exists)")
     args = parser.parse_args()
 
+    from keras_cspine.data.prepare import prepare_dataset
     from keras_cspine.io.dicom import dicomsdl_available
-    from keras_cspine.prepare import prepare_dataset
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_prepare."))
     data = work / "data"

@@ -3,7 +3,7 @@
 Measures training images/s (``model.train_on_batch``: forward, backward, optimizer update, the
 run's metrics) of the paper's model, the two-input GCViT-tiny of ``configs/stage1_gcvit_tiny.yaml``
 (224 px, patch embedding and levels 0-2 frozen, Adam), built through the package's own path
-(``keras_cspine.train.build_and_compile`` inside ``_dtype_policy``, as ``_fit_classifier`` does)
+(``keras_cspine.stage1.train.build_and_compile`` inside ``_dtype_policy``, as ``_fit_classifier`` does)
 with random weights (speed does not depend on them). Each precision policy gets its own model; the
 models run interleaved, one step each per round, so that other load on the machine slows them
 alike, and the median step time is reported with the ratio mixed / float32.
@@ -64,8 +64,8 @@ class _Mode:
 
     def __init__(self, policy: str, jit: bool, args, batch):
 
-        from keras_cspine.models.baselines import count_parameters
-        from keras_cspine.train import (
+        from keras_cspine.stage1.models.baselines import count_parameters
+        from keras_cspine.stage1.train import (
             _dtype_policy,
             build_and_compile,
             build_training_state,

@@ -14,16 +14,16 @@ from collections.abc import Sequence
 
 # command -> (module, one-line help). Each module has configure_parser(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("keras_cspine.synthetic", "write a synthetic dataset in the RSNA 2022 layout"),
-    "prepare": ("keras_cspine.prepare", "build the slice index and the model-ready image cache"),
+    "synth": ("keras_cspine.synthetic.dataset", "write a synthetic dataset in the RSNA 2022 layout"),
+    "prepare": ("keras_cspine.data.prepare", "build the slice index and the model-ready image cache"),
     "look": ("keras_cspine.viz", "figures of prepared slices with their labels and boxes"),
-    "train": ("keras_cspine.train", "stage 1: train the vertebrae classifier (GCViT or baseline)"),
-    "evaluate": ("keras_cspine.evaluate", "stage 1: Tables 1-2 metrics and Figure 6 for a run"),
-    "detect": ("keras_cspine.detection.cli", "stage 2: YOLO export / train / val / onnx"),
-    "predict": ("keras_cspine.pipeline", "two-stage inference: studies in, findings out"),
-    "reproduce": ("keras_cspine.reproduce", "reproduce a paper table (table1, table3)"),
-    "demo": ("keras_cspine.demo", "the whole pipeline on a small synthetic dataset"),
-    "weights": ("keras_cspine.pretrained", "pretrained weights: list, fetch (the only download), add"),
+    "train": ("keras_cspine.stage1.train", "stage 1: train the vertebrae classifier (GCViT or baseline)"),
+    "evaluate": ("keras_cspine.stage1.evaluate", "stage 1: Tables 1-2 metrics and Figure 6 for a run"),
+    "detect": ("keras_cspine.stage2.cli", "stage 2: YOLO export / train / val / onnx"),
+    "predict": ("keras_cspine.pipeline.predict", "two-stage inference: studies in, findings out"),
+    "reproduce": ("keras_cspine.paper.reproduce", "reproduce a paper table (table1, table3)"),
+    "demo": ("keras_cspine.paper.demo", "the whole pipeline on a small synthetic dataset"),
+    "weights": ("keras_cspine.stage1.models.pretrained", "pretrained weights: list, fetch (the only download), add"),
 }
 
 

@@ -46,7 +46,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def model_box(box: Sequence[float], rows: int, columns: int, size: int) -> list[float]:
     """A native-pixel ``[x, y, w, h]`` box in the coordinates of the ``size`` x ``size`` model image."""
-    from keras_cspine.preprocess import square_transform
+    from keras_cspine.data.preprocess import square_transform
 
     scale, offset_x, offset_y = square_transform(rows, columns, size)
     x, y, w, h = box
@@ -66,13 +66,13 @@ def figure_slices(index, prepared: str | os.PathLike, rows_to_show, ncols: int =
     """A grid of cached slices with their C1..C7 labels and fracture boxes.
 
     Args:
-        index: the prepare index (``keras_cspine.prepare.load_index``).
+        index: the prepare index (``keras_cspine.data.prepare.load_index``).
         prepared: the prepare folder (for the cache).
         rows_to_show: index labels (row positions of ``index``) to draw.
     """
     from matplotlib.patches import Rectangle
 
-    from keras_cspine.prepare import load_cache
+    from keras_cspine.data.prepare import load_cache
 
     plt = _pyplot()
     rows_to_show = list(rows_to_show)
@@ -125,7 +125,7 @@ def figure_sagittal(index, prepared: str | os.PathLike, uid: str, probabilities=
     right panel shows, per slice, the vertebrae labelled (ground truth) and, when given,
     ``probabilities`` (Z, 7) from a stage 1 model as shaded bars.
     """
-    from keras_cspine.prepare import load_cache
+    from keras_cspine.data.prepare import load_cache
 
     plt = _pyplot()
     study = index[index.StudyInstanceUID == uid].sort_values("series_index")
@@ -263,7 +263,7 @@ def look(prepared: str | os.PathLike, out: str | os.PathLike, n_slices: int = 12
 
     ``log`` receives the one line saying why Figure 3 was skipped, if it was.
     """
-    from keras_cspine.prepare import load_index
+    from keras_cspine.data.prepare import load_index
 
     index = load_index(prepared)
     out = Path(out)

@@ -24,7 +24,7 @@ DATA = '''# Data: the ONE switch between the built-in synthetic dataset (default
 # On Kaggle, add the competition data to the notebook and set USE_KAGGLE = True.
 USE_KAGGLE = False
 
-from keras_cspine.synthetic import generate_dataset
+from keras_cspine.synthetic.dataset import generate_dataset
 
 if USE_KAGGLE:
     DATA = KAGGLE_INPUT
@@ -43,7 +43,7 @@ INSTALL = ("On Kaggle, install the package first (internet on): "
 PREPARE = '''# The slice index + image cache (shared with notebooks 02-04). On Kaggle only the 87 studies with
 # a segmentation carry slice labels, so only those are prepared.
 from keras_cspine.io.rsna import RsnaLayout
-from keras_cspine.prepare import prepare_dataset, load_index
+from keras_cspine.data.prepare import prepare_dataset, load_index
 
 SIZE = 32 if SMALL else (224 if USE_KAGGLE else 64)
 PREPARED = WORK / f"prepared{SIZE}"
@@ -74,7 +74,7 @@ nb01 = notebook([
 # 01 - Data and preprocessing (paper Section 2.4, Algorithm 1, Figure 4)
 
 The RSNA 2022 Cervical Spine Fracture Detection layout, read with `keras_cspine.io`; the paper's
-Algorithm 1 and the bone-window modes of `keras_cspine.preprocess`; vertebra labels per slice from
+Algorithm 1 and the bone-window modes of `keras_cspine.data.preprocess`; vertebra labels per slice from
 the NIfTI segmentations (aligned from the DICOM and NIfTI geometry); Figure 4-style slices.
 Runs top to bottom on the built-in synthetic data; one cell switches to the Kaggle input.
 
@@ -109,7 +109,7 @@ three-window modes used by strong RSNA solutions.
 """),
     code('''import matplotlib.pyplot as plt
 import numpy as np
-from keras_cspine.preprocess import paper_algorithm1, to_model_image
+from keras_cspine.data.preprocess import paper_algorithm1, to_model_image
 
 box_slices = boxes[boxes.StudyInstanceUID == uid].slice_number.tolist()
 number = int(box_slices[len(box_slices) // 2]) if box_slices else int(meta.slice_numbers[len(volume) // 2])
@@ -165,8 +165,8 @@ model is GCViT-xxtiny at 64 px; on Kaggle the paper's GCViT-tiny at 224 px.
     code(DATA),
     code(PREPARE),
     md("## The paper's model: exact Table 1 parameter counts"),
-    code('''from keras_cspine.models.baselines import build_model, count_parameters
-from keras_cspine.models.baselines import PAPER_PARAMETERS
+    code('''from keras_cspine.stage1.models.baselines import build_model, count_parameters
+from keras_cspine.stage1.models.baselines import PAPER_PARAMETERS
 
 if SMALL:   # GCViT-tiny at 224 px takes a little while to build on a small CPU
     counts = count_parameters(build_model("gcvit_xxtiny", image_size=64, freeze="none"))
@@ -175,7 +175,7 @@ else:
     counts = count_parameters(build_model("gcvit_tiny", image_size=224))
     print("GCViT-tiny, levels 0-2 frozen:", counts, "| paper:", PAPER_PARAMETERS["Proposed (GCViT)"])'''),
     md("## Training (resumable run directory: config, log, best model, metrics, figures)"),
-    code('''from keras_cspine.train import load_stage1_config, train_stage1
+    code('''from keras_cspine.stage1.train import load_stage1_config, train_stage1
 
 CONFIG = "stage1_gcvit_tiny" if USE_KAGGLE else "stage1_synthetic_small"
 overrides = [f"data.image_size={SIZE}"]
@@ -185,7 +185,7 @@ elif not USE_KAGGLE:
     overrides += ["train.epochs=6"]
 config = load_stage1_config(CONFIG, overrides)
 if USE_KAGGLE:  # the paper's GCViT starts from timm's ImageNet weights (NVIDIA, CC-BY-NC-SA-4.0)
-    from keras_cspine.pretrained import fetch, find
+    from keras_cspine.stage1.models.pretrained import fetch, find
 
     if find("gcvit_tiny") is None:
         fetch("gcvit_tiny")  # needs the notebook's internet switch on, or `weights add FILE`
@@ -219,7 +219,7 @@ is downloaded), validated with Ultralytics' metrics cross-checked by our own mAP
 TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s for 100 epochs on
 whole slices, at Ultralytics' default 640 px (a GPU is advised). On the synthetic data, beyond
 the paper, each image is a 100 mm window around the cervical column (`roi_mm`,
-`keras_cspine.detection.roi`): the bone fills the image as a bigger image would, at a fraction of
+`keras_cspine.stage2.roi`): the bone fills the image as a bigger image would, at a fraction of
 its cost.
 
 """ + INSTALL),
@@ -227,7 +227,7 @@ its cost.
     code(DATA),
     md("## The YOLO dataset (split by study, negatives added)"),
     code('''from keras_cspine.config import load_config
-from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
+from keras_cspine.stage2.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
 
 if USE_KAGGLE:
     export_config = ExportConfig(size=512, seed=0)  # the paper: whole slices
@@ -241,7 +241,7 @@ export["counts"]'''),
     code('''import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from PIL import Image as PILImage
-from keras_cspine.detection.yolo_dataset import label_boxes_xyxy
+from keras_cspine.stage2.yolo_dataset import label_boxes_xyxy
 
 manifest = load_manifest(YOLO_DATA)
 shown = manifest[manifest.kind == "positive"].head(4)
@@ -253,7 +253,7 @@ for ax, row in zip(axes[0], shown.itertuples()):
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime"))
 plt.show()'''),
     md("## Training (Ultralytics, offline; resumable) and validation"),
-    code('''from keras_cspine.detection.ultralytics_train import DetectTrainConfig, train_detector
+    code('''from keras_cspine.stage2.ultralytics_train import DetectTrainConfig, train_detector
 
 if USE_KAGGLE:
     detect_config = DetectTrainConfig(model="yolov8s", epochs=100, imgsz=640, batch=16, device="0")
@@ -267,7 +267,7 @@ metrics = train_detector(YOLO_DATA, STAGE2, detect_config, overwrite=True)
 {k: metrics[k] for k in ("model", "images", "instances", "precision", "recall", "mAP50", "mAP50-95")}'''),
     md("## Table 3 (beside the paper's rows; mAP cross-checked by our code and pycocotools)"),
     code('''from IPython.display import Markdown, display
-from keras_cspine.detection.metrics import table3_row, write_table3
+from keras_cspine.stage2.metrics import table3_row, write_table3
 
 rows = [table3_row("yolov8s" if USE_KAGGLE else detect_config.model, metrics)]
 csv_path, md_path = write_table3(rows, STAGE2)
@@ -281,7 +281,7 @@ for figure in sorted((STAGE2).rglob("fig*.png")):
     display(Image(filename=str(figure)))'''),
     md("## The ONNX export used by the two-stage pipeline (no torch needed there)"),
     code('''import numpy as np
-from keras_cspine.detection.onnx_predictor import OnnxDetector
+from keras_cspine.stage2.onnx_predictor import OnnxDetector
 
 detector = OnnxDetector(STAGE2 / "weights" / "best.onnx", conf=0.05)
 image = np.asarray(PILImage.open(YOLO_DATA / shown.iloc[0].image).convert("RGB")) if len(shown) else None
@@ -289,7 +289,7 @@ found = detector.predict(image) if image is not None else None
 print(detector.imgsz, "input;", 0 if found is None else len(found), "boxes on the first positive slice")'''),
     md("The same slice read from its DICOM file: the study's window (as in the export's manifest), "
        "boxes back in the slice's own pixels, as in `train_bounding_boxes.csv`."),
-    code('''from keras_cspine.detection.roi import SpineRoi
+    code('''from keras_cspine.stage2.roi import SpineRoi
 from keras_cspine.io.dicom import read_slice
 
 if len(shown):
@@ -318,7 +318,7 @@ imported after TensorFlow).
     code(DATA),
     md("## Models: the ones of notebooks 02 and 03, or quick ones trained here"),
     code('''import subprocess, sys
-from keras_cspine.pipeline import find_latest_stage1, find_latest_stage2
+from keras_cspine.pipeline.predict import find_latest_stage1, find_latest_stage2
 
 STAGE1, STAGE2 = WORK / "stage1", WORK / "stage2"
 if not (STAGE2 / "weights" / "best.onnx").is_file():
@@ -332,8 +332,8 @@ if not (STAGE2 / "weights" / "best.onnx").is_file():
                     *(["--epochs", "1", "--imgsz", "64"] if SMALL else []), "--overwrite"], check=True)
 if not (STAGE1 / "model.keras").is_file():
     from keras_cspine.io.rsna import RsnaLayout
-    from keras_cspine.prepare import prepare_dataset
-    from keras_cspine.train import load_stage1_config, train_stage1
+    from keras_cspine.data.prepare import prepare_dataset
+    from keras_cspine.stage1.train import load_stage1_config, train_stage1
 
     size = 32 if SMALL else 64
     layout = RsnaLayout(DATA)
@@ -344,7 +344,7 @@ if not (STAGE1 / "model.keras").is_file():
     train_stage1(config, WORK / f"prepared{size}", STAGE1, overwrite=True, verbose=2)
 print("stage 1:", find_latest_stage1(WORK), "| stage 2:", find_latest_stage2(WORK))'''),
     md("## One study, step by step"),
-    code('''from keras_cspine.pipeline import PredictConfig, Stage1Model, Stage2Model, predict_study
+    code('''from keras_cspine.pipeline.predict import PredictConfig, Stage1Model, Stage2Model, predict_study
 
 config = PredictConfig(box_conf=0.05 if SMALL else 0.1)
 stage1 = Stage1Model.load(STAGE1)
@@ -361,7 +361,7 @@ print(f"{len(result.slice_numbers)} slices, stage 2 on {int(result.gated.sum())}
 result.fracture'''),
     md("## The report, inline"),
     code('''from IPython.display import HTML
-from keras_cspine.report import FIGURES, render_html, write_study_report
+from keras_cspine.pipeline.report import FIGURES, render_html, write_study_report
 
 truth = labels.set_index("StudyInstanceUID").loc[uid].to_dict()
 report = write_study_report(result, WORK / "report" / uid, truth=truth)
@@ -377,14 +377,14 @@ stage 1; on the synthetic default the detector may have seen some of them).
 """),
     code('''import json
 import pandas as pd
-from keras_cspine.pipeline import predict
+from keras_cspine.pipeline.predict import predict
 
 test_summary = predict(DATA, WORK / "predict_test", stage1=stage1, stage2=stage2, config=config,
                        progress=False)
 print(test_summary["n_studies"], "test studies ->", test_summary["files"]["submission"])
 pd.read_csv(test_summary["files"]["submission"]).head(8)'''),
     code('''import os
-from keras_cspine.pipeline import evaluation_markdown
+from keras_cspine.pipeline.predict import evaluation_markdown
 
 splits = json.loads((STAGE1 / "splits.json").read_text())
 held = splits.get("test") or splits["val"]

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_cspine.models import baselines as B
+from keras_cspine.stage1.models import baselines as B
 
 TINY_VIT = {"patch_size": 8, "num_layers": 5, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
 TINY_SWIN = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 2,
@@ -123,7 +123,7 @@ TABLE1_ROWS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name, row, trainable, non_trainable", TABLE1_ROWS)
 def test_table1_rows_have_the_paper_parameter_counts(name, row, trainable, non_trainable):
-    from keras_cspine.train import load_stage1_config
+    from keras_cspine.stage1.train import load_stage1_config
 
     spec = B.get_spec(name)
     assert spec.paper == row and spec.paper_parameters == (trainable, non_trainable)
@@ -142,7 +142,7 @@ def test_table1_rows_have_the_paper_parameter_counts(name, row, trainable, non_t
 @pytest.mark.parametrize("freeze, frozen", [("all_but_last:1", 3), ("all_but_last:3", 1),
                                             ("all_but_last:4", 0)])  # fmt: skip
 def test_all_but_last_n_fine_tunes_the_top_layers(freeze, frozen):
-    from keras_cspine.models.classifier import freeze_backbone
+    from keras_cspine.stage1.models.classifier import freeze_backbone
 
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(2, 3, name="a")(inputs)
@@ -157,7 +157,7 @@ def test_all_but_last_n_fine_tunes_the_top_layers(freeze, frozen):
 @pytest.mark.parametrize("freeze", ["all_but_last:0", "all_but_last:5", "all_but_last:x",
                                     "all_but_last:-1"])  # fmt: skip
 def test_all_but_last_n_rejects_bad_counts(freeze):
-    from keras_cspine.models.classifier import freeze_backbone
+    from keras_cspine.stage1.models.classifier import freeze_backbone
 
     inputs = keras.Input((8, 8, 3))
     backbone = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))

@@ -1,4 +1,4 @@
-"""Tests for the paper's two-input vertebrae classifier (keras_cspine.models.classifier)."""
+"""Tests for the paper's two-input vertebrae classifier (keras_cspine.stage1.models.classifier)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_cspine.models.classifier import (
+from keras_cspine.stage1.models.classifier import (
     GCVIT_FREEZE_POINTS,
     MultiInputClassifier,
     available_backbones,

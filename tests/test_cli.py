@@ -31,7 +31,7 @@ def test_each_command_has_help(command):
 def test_package_import_is_light():
     code = (
         "import sys, keras_cspine, keras_cspine.__main__, keras_cspine.io.rsna, "
-        "keras_cspine.prepare, keras_cspine.config; "
+        "keras_cspine.data.prepare, keras_cspine.config; "
         "heavy = [m for m in ('tensorflow', 'torch', 'keras', 'ultralytics') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -7,8 +7,14 @@ import pandas as pd
 import pytest
 from helpers_stage1 import make_prepared, study_uid
 
-from keras_cspine.data import Augmenter, CSpineSequence, EpochSync, resample, split_prepared
 from keras_cspine.errors import CSpineDataError
+from keras_cspine.stage1.dataset import (
+    Augmenter,
+    CSpineSequence,
+    EpochSync,
+    resample,
+    split_prepared,
+)
 
 
 @pytest.fixture(scope="module")

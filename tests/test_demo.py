@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from helpers_cli import run_cli
 
-from keras_cspine.demo import DemoSettings, choose_holdout, split_dataset, summary_text
 from keras_cspine.io.rsna import RsnaLayout, read_submission
+from keras_cspine.paper.demo import DemoSettings, choose_holdout, split_dataset, summary_text
 
 
 def _labels(fractured: int, intact: int) -> pd.DataFrame:
@@ -121,7 +121,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
     assert "[demo] stage1 ..." in result.stdout  # progress of every step
 
     # stage 2 given as a .pt: exported to ONNX in a subprocess (torch stays out of this process)
-    from keras_cspine.pipeline import Stage2Model
+    from keras_cspine.pipeline.predict import Stage2Model
 
     pt = tmp_path / "elsewhere" / "detector.pt"
     pt.parent.mkdir()

@@ -14,7 +14,8 @@ from helpers_cli import run_cli
 from helpers_images import assert_label_on_bright_block
 from PIL import Image
 
-from keras_cspine.detection.yolo_dataset import (
+from keras_cspine.errors import CSpineDataError
+from keras_cspine.stage2.yolo_dataset import (
     ExportConfig,
     box_problem,
     export_yolo_dataset,
@@ -22,7 +23,6 @@ from keras_cspine.detection.yolo_dataset import (
     read_label_file,
     yolo_label,
 )
-from keras_cspine.errors import CSpineDataError
 
 pytestmark = pytest.mark.detect  # `make test` runs files whole on one worker (--dist loadfile)
 
@@ -66,7 +66,7 @@ def test_yolo_label(box, rows, columns, label, clipped):
 def test_label_lands_on_the_rendered_object():
     """A bright block in a non-square HU slice is where its YOLO label says, after the same
     preprocessing as stage 1 (pad to square, resize)."""
-    from keras_cspine.preprocess import to_model_image
+    from keras_cspine.data.preprocess import to_model_image
 
     hu = np.full((60, 90), -1000.0, dtype=np.float32)
     x, y, w, h = 20, 10, 30, 24
@@ -151,8 +151,8 @@ def test_export_negatives_and_study_split(exported, synthetic_data):
 
 
 def test_export_uses_stage1_preprocessing(exported):
+    from keras_cspine.data.preprocess import to_model_image
     from keras_cspine.io.dicom import read_slice
-    from keras_cspine.preprocess import to_model_image
 
     row = next(load_manifest(exported).itertuples())
     hu, _ = read_slice(row.source)
@@ -203,7 +203,7 @@ def test_holdout_export_is_one_val_split(synthetic_data, exported, tmp_path):
     assert summary["config"]["holdout"] is True and summary["counts"]["train"]["images"] == 0
     spec = yaml.safe_load((out / "data.yaml").read_text())
     assert spec["val"] == "images/val" and not (out / spec["train"]).exists()
-    from keras_cspine.detection.ultralytics_train import train_detector
+    from keras_cspine.stage2.ultralytics_train import train_detector
 
     with pytest.raises(CSpineDataError, match="held-out"):
         train_detector(out, tmp_path / "run")

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from keras_cspine.detection import metrics as dm
+from keras_cspine.stage2 import metrics as dm
 
 pytestmark = pytest.mark.detect
 

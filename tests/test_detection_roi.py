@@ -1,4 +1,4 @@
-"""Stage 2's spine window (keras_cspine.detection.roi): where it is found, how boxes map into it
+"""Stage 2's spine window (keras_cspine.stage2.roi): where it is found, how boxes map into it
 and back, and the YOLO export that renders it. No torch here."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 from helpers_cli import run_cli
 from helpers_images import assert_label_on_bright_block
 
-from keras_cspine.detection.roi import (
+from keras_cspine.stage2.roi import (
     SpineRoi,
     read_study_roi,
     roi_sample,
     spine_centre,
     study_roi,
 )
-from keras_cspine.detection.yolo_dataset import load_manifest, read_label_file
+from keras_cspine.stage2.yolo_dataset import load_manifest, read_label_file
 
 pytestmark = pytest.mark.detect
 
@@ -95,7 +95,7 @@ def test_boxes_map_into_the_window_and_back():
 
 
 def test_label_lands_on_the_rendered_object_in_the_window():
-    from keras_cspine.preprocess import to_model_image
+    from keras_cspine.data.preprocess import to_model_image
 
     hu = np.full((90, 120), -1000.0, dtype=np.float32)
     x, y, w, h = 70, 40, 12, 9
@@ -166,7 +166,7 @@ def test_export_with_spine_window(synthetic_data, tmp_path):
 
 def test_export_counts_boxes_outside_the_window(synthetic_data, tmp_path):
     """A window too small for the fractures leaves their boxes out, counted, never mislabelled."""
-    from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset
+    from keras_cspine.stage2.yolo_dataset import ExportConfig, export_yolo_dataset
 
     summary = export_yolo_dataset(synthetic_data, tmp_path / "tiny_roi",
                                   ExportConfig(size=32, roi_mm=12.0, holdout=True), progress=False)  # fmt: skip
@@ -185,8 +185,8 @@ def test_export_with_an_unreadable_window_slice(synthetic_data, tmp_path):
     on_error="skip" leaves that study out, recorded in errors.csv."""
     import shutil
 
-    from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset
     from keras_cspine.errors import CSpineDataError
+    from keras_cspine.stage2.yolo_dataset import ExportConfig, export_yolo_dataset
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_data, data, symlinks=True)

@@ -21,14 +21,14 @@ import yaml
 from helpers_cli import REPO, run_cli
 from PIL import Image
 
-from keras_cspine.detection import metrics as dm
-from keras_cspine.detection.onnx_predictor import Detections, OnnxDetector, letterbox, nms
-from keras_cspine.detection.ultralytics_train import (
+from keras_cspine.stage2 import metrics as dm
+from keras_cspine.stage2.onnx_predictor import Detections, OnnxDetector, letterbox, nms
+from keras_cspine.stage2.ultralytics_train import (
     DetectTrainConfig,
     ground_truth,
     read_predictions_json,
 )
-from keras_cspine.detection.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
+from keras_cspine.stage2.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
 
 pytestmark = pytest.mark.detect  # `make test` runs files whole on one worker (--dist loadfile)
 
@@ -118,7 +118,7 @@ def test_setup_offline_refuses_after_ultralytics_import(tmp_path):
     code = textwrap.dedent(
         """
         import sys, ultralytics
-        from keras_cspine.detection.offline import setup_offline
+        from keras_cspine.stage2.offline import setup_offline
         try:
             setup_offline(sys.argv[1])
         except RuntimeError as err:
@@ -133,9 +133,9 @@ def test_detection_modules_import_neither_torch_nor_tensorflow():
     code = textwrap.dedent(
         """
         import sys
-        import keras_cspine.detection, keras_cspine.detection.cli, keras_cspine.detection.table3
-        import keras_cspine.detection.ultralytics_train, keras_cspine.detection.offline
-        import keras_cspine.detection.onnx_predictor, keras_cspine.detection.figures
+        import keras_cspine.stage2, keras_cspine.stage2.cli, keras_cspine.stage2.table3
+        import keras_cspine.stage2.ultralytics_train, keras_cspine.stage2.offline
+        import keras_cspine.stage2.onnx_predictor, keras_cspine.stage2.figures
         print(sorted(m for m in ("torch", "ultralytics", "tensorflow") if m in sys.modules))
         """
     )
@@ -263,12 +263,12 @@ def test_missing_weights_are_never_downloaded(exported, tmp_path):
 MAKE_MODEL_AND_PREDICT = textwrap.dedent(
     """
     import json, sys, numpy as np
-    from keras_cspine.detection.offline import import_ultralytics
+    from keras_cspine.stage2.offline import import_ultralytics
     import_ultralytics()
     import torch
     from PIL import Image
     from ultralytics import YOLO
-    from keras_cspine.detection.onnx_predictor import letterbox
+    from keras_cspine.stage2.onnx_predictor import letterbox
     out, varied_pt, trained_pt, images = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     torch.manual_seed(0)
     model = YOLO("yolov8n.yaml")
@@ -350,7 +350,7 @@ def test_onnx_predictor_beside_tensorflow_without_torch(trained, synthetic_data)
         """
         import json, sys
         import tensorflow  # stage 1 is already loaded in the two-stage pipeline
-        from keras_cspine.detection.onnx_predictor import OnnxDetector
+        from keras_cspine.stage2.onnx_predictor import OnnxDetector
         from keras_cspine.io.dicom import read_slice
         detector = OnnxDetector(sys.argv[1], conf=0.001)
         hu, meta = read_slice(sys.argv[2])
@@ -377,8 +377,8 @@ def test_onnx_predictor_beside_tensorflow_without_torch(trained, synthetic_data)
 def test_onnx_predictor_on_spine_windows_matches_the_export(trained, synthetic_data, tmp_path):
     """``predict_slice(hu, roi=...)`` on a DICOM slice finds the boxes the detector finds on the
     exported window image of that slice, mapped back with the manifest's window."""
-    from keras_cspine.detection.roi import SpineRoi
     from keras_cspine.io.dicom import read_slice
+    from keras_cspine.stage2.roi import SpineRoi
 
     out = tmp_path / "roi_export"
     export_yolo_dataset(synthetic_data, out, ExportConfig(size=64, roi_mm=100.0), progress=False)
@@ -403,8 +403,8 @@ def test_onnx_file_carries_the_export_settings(trained, tmp_path):
     export still gets slices rendered the same way by the pipeline."""
     import shutil
 
-    from keras_cspine.detection.yolo_dataset import EXPORT_METADATA_KEY
-    from keras_cspine.pipeline import Stage2Model
+    from keras_cspine.pipeline.predict import Stage2Model
+    from keras_cspine.stage2.yolo_dataset import EXPORT_METADATA_KEY
 
     onnx = trained["run"] / "weights" / "best.onnx"
     expected = {"mode": "bone", "size": 64, "roi_mm": None}
@@ -430,7 +430,7 @@ def test_predict_command(trained, tmp_path):
 
 
 def test_boxes_go_back_to_the_native_slice():
-    from keras_cspine.preprocess import square_transform
+    from keras_cspine.data.preprocess import square_transform
 
     rows, columns, size = 80, 120, 64  # a wide slice, padded top and bottom
     native = np.array([[30.0, 10.0, 50.0, 40.0]])
@@ -482,7 +482,7 @@ def test_onnx_detector_rejects_bad_input(tmp_path):
 # -- Table 3 -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_reproduce_table3(trained, tmp_path):
-    from keras_cspine.detection import reproduce_table3
+    from keras_cspine.stage2 import reproduce_table3
 
     rows = reproduce_table3(
         trained["export"], tmp_path / "table3", models=("yolov5n",), epochs=1, imgsz=64, batch=8,

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from helpers_stage1 import make_prepared
 
-from keras_cspine import evaluate as E
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.metrics import multilabel_metrics
-from keras_cspine.train import load_stage1_config, train_stage1
+from keras_cspine.stage1 import evaluate as E
+from keras_cspine.stage1.metrics import multilabel_metrics
+from keras_cspine.stage1.train import load_stage1_config, train_stage1
 
 VERTEBRAE = ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
 
@@ -54,7 +54,7 @@ def test_evaluate_run_tables_agree_with_predictions(run_dir):
 
 
 def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
-    from keras_cspine.level_decoding import LevelDecoder, fit_from_prepared
+    from keras_cspine.stage1.level_decoding import LevelDecoder, fit_from_prepared
 
     result = E.evaluate_run(run_dir, split="test")
     splits = json.loads((run_dir / "splits.json").read_text())
@@ -63,7 +63,7 @@ def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
     np.testing.assert_allclose(decoder.log_transition, refit.log_transition)
     preds = pd.read_csv(run_dir / "predictions.csv")
     scores = preds[[f"p_{v}" for v in VERTEBRAE]].to_numpy()
-    from keras_cspine.prepare import load_index
+    from keras_cspine.data.prepare import load_index
 
     index = load_index(splits["prepared"]).set_index(["StudyInstanceUID", "series_index"])
     positions = index.loc[list(zip(preds.StudyInstanceUID, preds.series_index)), "position_mm"]
@@ -80,8 +80,8 @@ def test_level_decoded_row_is_the_run_decoder_on_the_same_predictions(run_dir):
 
 
 def test_sequence_model_row_is_the_run_sequence_model_on_the_same_features(run_dir):
-    from keras_cspine.data import CSpineSequence
-    from keras_cspine.sequence_model import (
+    from keras_cspine.stage1.dataset import CSpineSequence
+    from keras_cspine.stage1.sequence_model import (
         apply_sequence_model,
         load_sequence_model,
         slice_features,
@@ -174,7 +174,7 @@ def test_study_levels_figure_shows_the_worst_studies(tmp_path):
 
 
 def test_predict_sequence_refuses_shuffled_data(tmp_path):
-    from keras_cspine.data import CSpineSequence
+    from keras_cspine.stage1.dataset import CSpineSequence
 
     prepared = make_prepared(tmp_path / "p", n_studies=2, unlabelled=0)
     with pytest.raises(ValueError, match="shuffle"):
@@ -184,7 +184,7 @@ def test_predict_sequence_refuses_shuffled_data(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_table1_writes_and_reuses_rows(tmp_path, capsys):
-    from keras_cspine.reproduce import main as reproduce_main
+    from keras_cspine.paper.reproduce import main as reproduce_main
 
     prepared = make_prepared(tmp_path / "prep", n_studies=5, n_slices=12, unlabelled=1)
     args = ["table1", "--data", str(prepared), "--out", str(tmp_path / "t1"),

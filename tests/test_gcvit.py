@@ -1,4 +1,4 @@
-"""Tests for the Keras 3 GCViT (keras_cspine.models.gcvit) and its timm weight port (weights.py).
+"""Tests for the Keras 3 GCViT (keras_cspine.stage1.models.gcvit) and its timm weight port (weights.py).
 
 timm runs in a subprocess (TensorFlow and torch never share a process): it builds a GCViT with
 random weights, randomises norms, biases and position tables, saves the state dict
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.models import gcvit as G
-from keras_cspine.models.weights import (
+from keras_cspine.stage1.models import gcvit as G
+from keras_cspine.stage1.models.weights import (
     WeightsFileError,
     load_gcvit_weights,
     read_state_dict,
@@ -301,7 +301,7 @@ def test_imagenet_weights_come_from_the_local_cache_only(xxtiny64, tmp_path, mon
     assert isinstance(err.value, CSpineDataError)
     (tmp_path / "gcvit_xxtiny.in1k.safetensors").write_bytes(
         (stem.parent / f"{stem.name}.safetensors").read_bytes())
-    with caplog.at_level(logging.WARNING, logger="keras_cspine.models.weights"):
+    with caplog.at_level(logging.WARNING, logger="keras_cspine.stage1.models.weights"):
         model = G.gcvit_xxtiny(image_size=64, weights="imagenet")
     assert "CC-BY-NC-SA-4.0" in caplog.text
     np.testing.assert_allclose(_run(model, ref["x"]), ref["logits"], atol=1e-4)

@@ -592,7 +592,7 @@ def test_truncated_slice_in_series_fails_in_read_series(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# The synthetic dataset (keras_cspine.synthetic)
+# The synthetic dataset (keras_cspine.synthetic.dataset)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_synthetic_studies_read_as_series(synthetic_data):

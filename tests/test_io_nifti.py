@@ -239,7 +239,7 @@ def test_vertebra_presence_rejects_bad_input(seg, kwargs, message):
 
 
 # --------------------------------------------------------------------------------------------
-# The synthetic generator's studies (keras_cspine.synthetic)
+# The synthetic generator's studies (keras_cspine.synthetic.dataset)
 # --------------------------------------------------------------------------------------------
 SYNTHETIC = {
     "head first, plain, square": dict(head_first=True, compressed=False, tilted=False,
@@ -256,7 +256,7 @@ SYNTHETIC = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(SYNTHETIC))
 def test_synthetic_study_reads_and_aligns_exactly(tmp_path, case):
-    synthetic = pytest.importorskip("keras_cspine.synthetic")
+    synthetic = pytest.importorskip("keras_cspine.synthetic.dataset")
     study = synthetic.generate_study(tmp_path, seed=11, index=list(SYNTHETIC).index(case),
                                      preset="tiny", **SYNTHETIC[case])  # fmt: skip
     volume, meta = read_series(study.folder)

@@ -1,4 +1,4 @@
-"""The study-level decoder of per-slice vertebra probabilities (keras_cspine.level_decoding)."""
+"""The study-level decoder of per-slice vertebra probabilities (keras_cspine.stage1.level_decoding)."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.level_decoding import LevelDecoder
+from keras_cspine.stage1.level_decoding import LevelDecoder
 
 
 def _study(runs):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keras_cspine import metrics as M
+from keras_cspine.stage1 import metrics as M
 
 Y_TRUE = np.array([[1, 0], [0, 1], [1, 1]])
 Y_SCORE = np.array([[0.9, 0.2], [0.6, 0.7], [0.4, 0.8]])  # labels [[1,0],[1,1],[0,1]]

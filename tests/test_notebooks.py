@@ -51,7 +51,7 @@ def test_notebooks_import_the_package_and_switch_data_in_one_cell(name):
                    if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)]  # fmt: skip
         assert not defined, f"{name} defines {defined}: import it from keras_cspine instead"
     if name == "03_fracture_detection":
-        assert "tensorflow" not in source and "keras_cspine.train" not in source
+        assert "tensorflow" not in source and "keras_cspine.stage1.train" not in source
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import TARGETS, VERTEBRAE, read_submission
-from keras_cspine.pipeline import (
+from keras_cspine.pipeline.predict import (
     Box,
     PredictConfig,
     aggregate_study,
@@ -138,7 +138,7 @@ def test_predict_config_rejects_bad_values(changes, fragment):
 def test_switches_of_the_command_line():
     import argparse
 
-    from keras_cspine.pipeline import config_from_args, configure_parser
+    from keras_cspine.pipeline.predict import config_from_args, configure_parser
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
@@ -312,8 +312,8 @@ def test_stage1_settings_come_from_the_training_run(models, tmp_path):
     import json
 
     from keras_cspine.config import save_config
-    from keras_cspine.pipeline import Stage1Model
-    from keras_cspine.train import DataConfig, Stage1Config
+    from keras_cspine.pipeline.predict import Stage1Model
+    from keras_cspine.stage1.train import DataConfig, Stage1Config
 
     run_dir, prepared = tmp_path / "run", tmp_path / "prep"
     run_dir.mkdir()
@@ -337,8 +337,8 @@ def test_stage2_looks_at_the_spine_window_of_its_export(models, synthetic_data, 
     study at inference (found from the same slices), and its boxes come back to the slice."""
     import json
 
-    from keras_cspine.detection.roi import read_study_roi
-    from keras_cspine.pipeline import Stage1Model, Stage2Model, predict_study
+    from keras_cspine.pipeline.predict import Stage1Model, Stage2Model, predict_study
+    from keras_cspine.stage2.roi import read_study_roi
 
     run = tmp_path / "detect"
     (run / "weights").mkdir(parents=True)
@@ -373,10 +373,10 @@ def test_stage2_looks_at_the_spine_window_of_its_export(models, synthetic_data, 
 
 def test_inference_inputs_equal_the_training_inputs(models, synthetic_data, prepared):
     """Images and metadata built from DICOM at inference == what CSpineSequence trains on."""
-    from keras_cspine.data import CSpineSequence
+    from keras_cspine.data.prepare import load_cache
     from keras_cspine.io.dicom import read_series
-    from keras_cspine.pipeline import Stage1Model
-    from keras_cspine.prepare import load_cache
+    from keras_cspine.pipeline.predict import Stage1Model
+    from keras_cspine.stage1.dataset import CSpineSequence
 
     uid = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[1]
     stage1 = Stage1Model.load(models[0], mode="bone", render_size=32)
@@ -392,8 +392,8 @@ def test_inference_inputs_equal_the_training_inputs(models, synthetic_data, prep
 
 
 def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_data, tmp_path):
-    from keras_cspine.level_decoding import LevelDecoder
-    from keras_cspine.pipeline import Stage1Model, predict_study
+    from keras_cspine.pipeline.predict import Stage1Model, predict_study
+    from keras_cspine.stage1.level_decoding import LevelDecoder
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -413,7 +413,7 @@ def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_d
     # which no spine shows; decoded, at most two adjacent vertebrae remain on any slice
     assert (raw.probabilities >= 0.5).sum(axis=1).max() == 7
     assert (decoded.probabilities >= 0.5).sum(axis=1).max() <= 2
-    from keras_cspine.level_decoding import slice_spacing
+    from keras_cspine.stage1.level_decoding import slice_spacing
 
     spacing = slice_spacing(raw.positions_mm)
     np.testing.assert_allclose(decoded.probabilities, decoder.decode(raw.probabilities, spacing),
@@ -422,9 +422,9 @@ def test_level_decoding_replaces_the_per_slice_probabilities(models, synthetic_d
 
 def test_sequence_model_reads_the_study_before_the_level_decoder(models, synthetic_data,
                                                                  tmp_path):  # fmt: skip
-    from keras_cspine.level_decoding import LevelDecoder
-    from keras_cspine.pipeline import Stage1Model, predict_study
-    from keras_cspine.sequence_model import (
+    from keras_cspine.pipeline.predict import Stage1Model, predict_study
+    from keras_cspine.stage1.level_decoding import LevelDecoder
+    from keras_cspine.stage1.sequence_model import (
         SequenceConfig,
         apply_sequence_model,
         build_sequence_model,
@@ -451,7 +451,7 @@ def test_sequence_model_reads_the_study_before_the_level_decoder(models, synthet
     np.testing.assert_allclose(read.probabilities, expected, atol=1e-4)
     decoded = predict_study(folder, stage1, None, PredictConfig(sequence_model=False,
                                                                 report="none"))  # fmt: skip
-    from keras_cspine.level_decoding import slice_spacing
+    from keras_cspine.stage1.level_decoding import slice_spacing
 
     np.testing.assert_allclose(
         decoded.probabilities,
@@ -462,7 +462,7 @@ def test_sequence_model_reads_the_study_before_the_level_decoder(models, synthet
 
 
 def test_sagittal_projection_follows_the_spine():
-    from keras_cspine.pipeline import sagittal_projection
+    from keras_cspine.pipeline.predict import sagittal_projection
 
     hu = np.full((5, 20, 30), -1000.0, np.float32)
     hu[:, 8:12, 21:23] = 2000.0  # a bony column right of the image centre
@@ -475,7 +475,7 @@ def test_sagittal_projection_follows_the_spine():
 def test_predict_end_to_end(models, study_folders, synthetic_data, tmp_path):
     import json
 
-    from keras_cspine.pipeline import main, predict
+    from keras_cspine.pipeline.predict import main, predict
 
     root, uids, broken = study_folders
     out = tmp_path / "out"

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from keras_cspine.data.prepare import load_cache, load_index, prepare_dataset, read_settings
 from keras_cspine.errors import BoxError, CSpineDataError, DicomReadError
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout
-from keras_cspine.prepare import load_cache, load_index, prepare_dataset, read_settings
 
 
 def test_index_matches_the_data(synthetic_data, prepared):
@@ -102,8 +102,8 @@ def test_parallel_equals_serial(synthetic_data, prepared, tmp_path):
 
 @pytest.mark.parametrize("mode", ["paper", "multiwindow"])
 def test_cache_holds_the_chosen_preprocessing(synthetic_data, tmp_path, mode):
+    from keras_cspine.data.preprocess import to_model_image
     from keras_cspine.io.dicom import read_slice
-    from keras_cspine.preprocess import to_model_image
 
     out = tmp_path / mode
     prepare_dataset(synthetic_data, out, size=16, mode=mode, workers=1, progress=False, limit=1)

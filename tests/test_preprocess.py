@@ -1,4 +1,4 @@
-"""Tests of keras_cspine.preprocess: the paper's Algorithm 1, the HU window modes, resizing."""
+"""Tests of keras_cspine.data.preprocess: the paper's Algorithm 1, the HU window modes, resizing."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from helpers_dicom import ct_dataset, phantom, save, write_series
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
-from keras_cspine import preprocess
-from keras_cspine.errors import DicomReadError
-from keras_cspine.io.dicom import read_slice
-from keras_cspine.preprocess import (
+from keras_cspine.data.preprocess import (
     MODES,
     WINDOW_MODES,
     WINDOWS,
@@ -26,6 +23,9 @@ from keras_cspine.preprocess import (
     square_transform,
     to_model_image,
 )
+from keras_cspine.errors import DicomReadError
+from keras_cspine.io.dicom import read_slice
+from keras_cspine.stage1.dataset import preprocess
 
 
 def pydicom_file(name: str) -> str:
@@ -304,7 +304,7 @@ def test_module_imports_no_tensorflow_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, keras_cspine.preprocess, keras_cspine.io.dicom, keras_cspine.io.nifti; "
+    code = ("import sys, keras_cspine.data.preprocess, keras_cspine.io.dicom, keras_cspine.io.nifti; "
             "print(sorted(m for m in ('tensorflow', 'torch', 'keras') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Tests for keras_cspine.pretrained: the weights table, `weights list / fetch / add`, checks.
+"""Tests for keras_cspine.stage1.models.pretrained: the weights table, `weights list / fetch / add`, checks.
 
 Every download goes to a local HTTP server on 127.0.0.1; KERAS_HOME, KERAS_CSPINE_WEIGHTS and
 HOME point into tmp_path, so the user's caches are never touched.
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from helpers_cli import run_cli
 
-from keras_cspine import pretrained as P
-from keras_cspine.models.weights import WeightsFileError, imagenet_candidates
+from keras_cspine.stage1.models import pretrained as P
+from keras_cspine.stage1.models.weights import WeightsFileError, imagenet_candidates
 
 PAYLOAD = b"keras_cspine test weights\n" * 5000  # 130 kB
 

@@ -3,7 +3,7 @@
 import h5py
 import pytest
 
-from keras_cspine.reproduce import format_plan, main, table1_plan
+from keras_cspine.paper.reproduce import format_plan, main, table1_plan
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.sequence_model import (
+from keras_cspine.stage1.sequence_model import (
     SequenceConfig,
     apply_sequence_model,
     build_sequence_model,

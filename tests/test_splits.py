@@ -2,7 +2,7 @@
 
 import pytest
 
-from keras_cspine.splits import split_studies
+from keras_cspine.data.splits import split_studies
 
 
 @pytest.mark.parametrize("n, val, test", [(10, 0.2, 0.1), (3, 0.3, 0.0), (50, 0.1, 0.2), (2, 0.5, 0.0)])

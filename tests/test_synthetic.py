@@ -16,7 +16,8 @@ import pydicom
 import pytest
 
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.synthetic import (
+from keras_cspine.synthetic.anatomy import VERTEBRA_SHAPES
+from keras_cspine.synthetic.dataset import (
     BOX_MARGIN_MM,
     DISPLACED,
     GAP_MM,
@@ -37,7 +38,6 @@ from keras_cspine.synthetic import (
     render_study,
     sample_study,
 )
-from keras_cspine.synthetic_anatomy import VERTEBRA_SHAPES
 
 N_TRAIN, N_TEST, SEED = 6, 2, 11
 UID_RE = re.compile(r"^1\.2\.826\.0\.1\.3680043\.\d+$")
@@ -443,7 +443,7 @@ def test_merge_slice_boxes(boxes, expected):
 def test_boxed_slices_show_the_break_and_boxes_do_not_overlap():
     """Every boxed slice shows MIN_VISIBLE_MM2 of clearly changed bone (no box on a slice the break
     only grazes), and no two boxes of a slice overlap by more than MERGE_OVERLAP."""
-    from keras_cspine.synthetic_anatomy import BREAK_VISIBLE
+    from keras_cspine.synthetic.anatomy import BREAK_VISIBLE
 
     checked = 0
     for index in range(4):

@@ -9,7 +9,7 @@ from helpers_stage1 import make_prepared
 
 from keras_cspine.config import dump_config
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.train import (
+from keras_cspine.stage1.train import (
     PlateauAfterWarmup,
     Stage1Config,
     build_training_state,
@@ -131,7 +131,7 @@ PAPER_CONFIGS = ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet15
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_configs_follow_the_paper_recipe(name):
     """Algorithm 1 slices at 224 px, ImageNet weights, 25 epochs, nothing the paper does not name."""
-    from keras_cspine.models.baselines import get_spec
+    from keras_cspine.stage1.models.baselines import get_spec
 
     config = load_stage1_config(f"stage1_{name}")
     spec = get_spec(name)
@@ -168,7 +168,7 @@ def test_frozen_random_backbone_is_refused(tmp_path, overrides, refused):
 
 
 def test_missing_imagenet_weights_name_the_fetch_command(tmp_path, monkeypatch):
-    from keras_cspine.models.baselines import WeightsNotFoundError, build_model
+    from keras_cspine.stage1.models.baselines import WeightsNotFoundError, build_model
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="keras-cspine weights fetch inceptionv3"):
@@ -249,10 +249,10 @@ def test_build_training_state_changes_nothing_but_when_variables_are_made():
 
 
 def test_training_keeps_freed_memory_every_epoch(prepared, tmp_path, monkeypatch):
-    import keras_cspine.data
+    import keras_cspine.stage1.dataset
 
     calls = []
-    monkeypatch.setattr(keras_cspine.data, "_keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(keras_cspine.stage1.dataset, "_keep_freed_memory", lambda: calls.append(1))
     config = _config("model.name=metadata_only", "train.epochs=2", "train.evaluate=false")
     train_stage1(config, prepared, tmp_path / "run", verbose=0)
     assert len(calls) >= 4  # first training and validation batch of both epochs
@@ -262,7 +262,7 @@ def test_training_keeps_freed_memory_every_epoch(prepared, tmp_path, monkeypatch
 def test_sequence_model_follows_the_config(prepared, tmp_path):
     """sequence.enabled: the run gets a sequence model fitted on the best classifier's features
     (sized to them); disabled, a fresh run leaves none behind (not even a stale one)."""
-    from keras_cspine.sequence_model import load_sequence_model
+    from keras_cspine.stage1.sequence_model import load_sequence_model
 
     run_dir = tmp_path / "run"
     base = ["model.name=metadata_only", "train.epochs=1", "train.evaluate=false"]
@@ -280,16 +280,16 @@ def test_sequence_model_follows_the_config(prepared, tmp_path):
 def test_run_killed_after_the_fit_resumes_after_it(prepared, tmp_path, monkeypatch):
     """A kill while the evaluation runs (after the fit and the sequence model) costs neither
     again: the rerun only evaluates. --overwrite then starts afresh."""
-    import keras_cspine.evaluate
+    import keras_cspine.stage1.evaluate
 
     config = _config("model.name=metadata_only", "train.epochs=2")
     run_dir = tmp_path / "run"
-    real_evaluate = keras_cspine.evaluate.evaluate_run
+    real_evaluate = keras_cspine.stage1.evaluate.evaluate_run
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed during the evaluation")
 
-    monkeypatch.setattr(keras_cspine.evaluate, "evaluate_run", killed)
+    monkeypatch.setattr(keras_cspine.stage1.evaluate, "evaluate_run", killed)
     with pytest.raises(KeyboardInterrupt):
         train_stage1(config, prepared, run_dir, verbose=0)
     assert not (run_dir / "backup").exists() and not (run_dir / "summary.json").exists()
@@ -297,7 +297,7 @@ def test_run_killed_after_the_fit_resumes_after_it(prepared, tmp_path, monkeypat
     assert fit_done["epochs_run"] == 2 and fit_done["sequence_model"]["epochs_run"] >= 1
     sequence_mtime = (run_dir / "sequence_model.keras").stat().st_mtime_ns
 
-    monkeypatch.setattr(keras_cspine.evaluate, "evaluate_run", real_evaluate)
+    monkeypatch.setattr(keras_cspine.stage1.evaluate, "evaluate_run", real_evaluate)
     epochs = _Epochs()
     summary = train_stage1(config, prepared, run_dir, extra_callbacks=[epochs], verbose=0)
     assert epochs.seen == []  # no epoch again

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_cspine.train import (
+from keras_cspine.stage1.train import (
     _dtype_policy,
     build_and_compile,
     build_training_state,

@@ -1,7 +1,7 @@
 """The RSNA 2022 Cervical Spine Fracture Detection layout: paths, CSV schemas, study listing.
 
 Serves the paper's data section: the Kaggle folder (or the synthetic one from
-``keras_cspine.synthetic``) as ``train_images/<UID>/<n>.dcm``, ``segmentations/<UID>.nii`` and
+``keras_cspine.synthetic.dataset``) as ``train_images/<UID>/<n>.dcm``, ``segmentations/<UID>.nii`` and
 the four CSVs. Every CSV is validated against its JSON Schema in ``data_spec/`` when read.
 
 Example:

@@ -1,0 +1,321 @@
+"""Per-study reports of the two-stage pipeline (the paper's stage 1 and stage 2, Sections 2.5-2.6).
+
+For one :class:`keras_cspine.pipeline.predict.StudyResult` this module draws three figures and writes an
+HTML or Markdown page around them:
+
+- ``overview.png``: a sagittal projection through the spine (head at the top, anterior on the
+  left, millimetres on both axes) with a coloured band per vertebra over the slices where stage 1
+  finds it, the fracture boxes drawn at their slice and antero-posterior extent, and beside it
+  the per-slice C1..C7 probabilities with the slices stage 2 looked at (the gate);
+- ``fractures.png``: the slices with the strongest fracture boxes, boxes drawn with their score
+  and vertebrae (slices with predicted fracture boxes, like Ultralytics' prediction images; here
+  on native slices in the bone window);
+- ``vertebrae.png``: a bar chart of the fracture probability of C1..C7 and of the patient.
+
+:func:`write_index` writes ``index.html`` linking every study's report with its probabilities.
+Figures use matplotlib's Agg backend; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from keras_cspine.io.rsna import TARGETS, VERTEBRAE
+from keras_cspine.utils import atomic_write
+from keras_cspine.viz import VERTEBRA_COLOURS, _pyplot, save_figure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from keras_cspine.pipeline.predict import StudyResult
+
+__all__ = [
+    "figure_key_slices",
+    "figure_overview",
+    "figure_vertebra_bars",
+    "render_html",
+    "render_markdown",
+    "write_index",
+    "write_study_report",
+]
+
+FIGURES = ("overview", "fractures", "vertebrae")
+
+
+def _spacing(result: StudyResult) -> float:
+    spacing = result.info.get("pixel_spacing_mm") or [1.0, 1.0]
+    return float(spacing[0])
+
+
+def figure_overview(result: StudyResult, threshold: float = 0.5):
+    """Sagittal overview: vertebra bands, fracture boxes, per-slice probabilities and the gate."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    z = np.asarray(result.positions_mm, dtype=np.float64)
+    z_top, z_bottom = (float(z.min()), float(z.max())) if len(z) else (0.0, 1.0)
+    half = (z_bottom - z_top) / max(len(z) - 1, 1) / 2 or 0.5
+    fig, (ax_img, ax_prob) = plt.subplots(
+        1, 2, figsize=(9, 6.5), gridspec_kw={"width_ratios": [3, 2]}, sharey=True
+    )
+    row_mm = _spacing(result)
+    width_mm = (result.sagittal.shape[1] if result.sagittal is not None else 1) * row_mm
+    if result.sagittal is not None:
+        ax_img.imshow(result.sagittal, cmap="gray", aspect="auto",
+                      extent=(0, width_mm, z_bottom + half, z_top - half))  # fmt: skip
+    ax_img.set_xlim(0, width_mm)
+    ax_img.set_xlabel("anterior -> posterior (mm)")
+    ax_img.set_ylabel("mm below the first slice (head at the top)")
+    ax_img.set_title(f"study {result.uid}", fontsize=9)
+    probabilities = np.asarray(result.probabilities)
+    for k, name in enumerate(VERTEBRAE):
+        on = np.flatnonzero(probabilities[:, k] >= threshold)
+        if not len(on):
+            continue
+        top, bottom = z[on[0]] - half, z[on[-1]] + half
+        ax_img.add_patch(Rectangle((0, top), width_mm * 0.04, bottom - top, color=VERTEBRA_COLOURS[k],
+                                   alpha=0.9))  # fmt: skip
+        ax_img.text(width_mm * 0.05, (top + bottom) / 2, name, color=VERTEBRA_COLOURS[k],
+                    fontsize=8, va="center", fontweight="bold")  # fmt: skip
+    for box in result.boxes[:50]:
+        top = z[box.series_index] - half
+        ax_img.add_patch(Rectangle((box.y * row_mm, top), box.height * row_mm, 2 * half,
+                                   fill=False, edgecolor="red", linewidth=1.2,
+                                   alpha=float(np.clip(0.3 + box.score, 0, 1))))  # fmt: skip
+    extent = (-0.5, len(VERTEBRAE) - 0.5, z_bottom + half, z_top - half)
+    heat = ax_prob.imshow(probabilities, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                          extent=extent, interpolation="nearest")  # fmt: skip
+    fig.colorbar(heat, ax=ax_prob, fraction=0.05, pad=0.08)
+    gated = np.asarray(result.gated, dtype=bool)
+    if gated.any() and not gated.all():
+        ax_prob.scatter(np.full(gated.sum(), len(VERTEBRAE) - 0.2), z[gated], marker="s", s=5,
+                        color="black", clip_on=False, label="stage 2 ran")  # fmt: skip
+    box_slices = sorted({b.series_index for b in result.boxes})
+    if box_slices:
+        ax_prob.scatter(np.full(len(box_slices), -0.8), z[box_slices], marker=">", s=14,
+                        color="red", clip_on=False, label="fracture box")  # fmt: skip
+    ax_prob.set_xticks(range(len(VERTEBRAE)), VERTEBRAE)
+    ax_prob.set_title("stage 1: P(vertebra on slice)", fontsize=9)
+    if box_slices or (gated.any() and not gated.all()):
+        ax_prob.legend(loc="lower right", fontsize=7, framealpha=0.6)
+    fig.tight_layout()
+    return fig
+
+
+def figure_key_slices(result: StudyResult, ncols: int = 4):
+    """The slices with the strongest boxes (``result.key_slices``), boxes drawn and labelled;
+    with a stage 2 spine window (``info["stage2_roi"]``), its outline, dashed: what the detector
+    looked at."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    numbers = list(result.key_slices)
+    if not numbers:
+        fig, ax = plt.subplots(figsize=(4, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no fracture box found", ha="center", va="center")
+        return fig
+    ncols = min(ncols, len(numbers))
+    nrows = int(np.ceil(len(numbers) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    window = result.info.get("stage2_roi")
+    for ax, number in zip(axes.ravel(), numbers):
+        image = result.key_slices[number]
+        ax.imshow(image, cmap="gray")
+        if window:
+            top, left, side = window
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False,
+                                   edgecolor="gold", linestyle="--", linewidth=1))  # fmt: skip
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)
+            ax.set_ylim(image.shape[0] - 0.5, -0.5)
+        best = 0.0
+        for box in result.boxes:
+            if box.slice_number != number:
+                continue
+            best = max(best, box.score)
+            ax.add_patch(Rectangle((box.x, box.y), box.width, box.height, fill=False,
+                                   edgecolor="red", linewidth=1.5))  # fmt: skip
+            where = " ".join(box.vertebrae) or "no C-spine"
+            ax.text(box.x, box.y - 2, f"{box.score:.2f} {where}", color="red", fontsize=7,
+                    va="bottom")  # fmt: skip
+        ax.set_title(f"slice {number} (best box {best:.2f})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_vertebra_bars(result: StudyResult, truth: Mapping[str, int] | None = None):
+    """Bar chart of the fracture probabilities of C1..C7 and the patient (truth marked if given)."""
+    plt = _pyplot()
+    values = [float(result.fracture[t]) for t in TARGETS]
+    colours = [*VERTEBRA_COLOURS, "#444444"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    bars = ax.bar(range(len(TARGETS)), values, color=colours)
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center",
+                fontsize=8)  # fmt: skip
+    if truth is not None:
+        for j, target in enumerate(TARGETS):
+            if int(truth.get(target, 0)):
+                ax.plot(j, 1.04, marker="v", color="red", markersize=8, clip_on=False)
+        ax.plot([], [], "v", color="red", label="fractured (label)")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    ax.set_xticks(range(len(TARGETS)), [*VERTEBRAE, "patient"])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("P(fracture)")
+    ax.set_title("fracture probability per vertebra", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Pages
+# --------------------------------------------------------------------------------------------
+def _img_src(path: Path, base: Path, embed: bool) -> str:
+    if embed:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"data:image/png;base64,{data}"
+    return html.escape(os.path.relpath(path, base))
+
+
+def _probability_rows(result: StudyResult) -> list[tuple[str, float]]:
+    return [(t, float(result.fracture[t])) for t in TARGETS]
+
+
+def _extent_rows(result: StudyResult, threshold: float) -> list[tuple[str, str]]:
+    extent = result.vertebra_extent(threshold)
+    return [(v, f"slices {e['first_slice']}-{e['last_slice']} ({e['n_slices']} slices)"
+             if (e := extent.get(v)) else "not found") for v in VERTEBRAE]  # fmt: skip
+
+
+def render_html(result: StudyResult, figures: Mapping[str, Path], base: Path | None = None,
+                threshold: float = 0.5, embed: bool = False, max_boxes: int = 25) -> str:  # fmt: skip
+    """The HTML report of a study (figures linked relative to ``base`` or embedded)."""
+    base = Path(base or ".")
+    e = html.escape
+    n_gated = int(np.asarray(result.gated).sum())
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+        f"<title>keras_cspine report {e(result.uid)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:right}img{max-width:100%}.hi{color:#b00;font-weight:bold}</style>",
+        "</head><body>",
+        f"<h1>Cervical spine fracture report</h1><p>Study <code>{e(result.uid)}</code>: "
+        f"{len(result.slice_numbers)} slices, stage 2 on {n_gated}; {len(result.boxes)} fracture "
+        f"boxes. Patient fracture probability <b>{result.fracture['patient_overall']:.3f}</b>.</p>",
+        "<h2>Fracture probabilities</h2><table><tr><th>target</th><th>P(fracture)</th></tr>",
+    ]
+    for target, value in _probability_rows(result):
+        cls = " class='hi'" if value >= 0.5 else ""
+        parts.append(f"<tr><td>{e(target)}</td><td{cls}>{value:.3f}</td></tr>")
+    parts.append("</table>")
+    titles = {"overview": "Sagittal overview", "fractures": "Slices with the strongest boxes",
+              "vertebrae": "Per-vertebra probabilities"}  # fmt: skip
+    for name in FIGURES:
+        if name in figures:
+            parts.append(f"<h2>{titles[name]}</h2><img alt='{name}' "
+                         f"src='{_img_src(Path(figures[name]), base, embed)}'>")  # fmt: skip
+    parts.append("<h2>Where stage 1 finds each vertebra</h2><table>"
+                 "<tr><th>vertebra</th><th>slices</th></tr>")  # fmt: skip
+    parts += [f"<tr><td>{v}</td><td>{e(text)}</td></tr>" for v, text in _extent_rows(result, threshold)]
+    parts.append("</table><h2>Fracture boxes</h2>")
+    if result.boxes:
+        parts.append("<table><tr><th>slice</th><th>x</th><th>y</th><th>width</th><th>height</th>"
+                     "<th>score</th><th>vertebrae (evidence)</th></tr>")  # fmt: skip
+        for box in result.boxes[:max_boxes]:
+            where = ", ".join(f"{v} {w:.2f}" for v, w in box.vertebrae.items()) or "none"
+            parts.append(f"<tr><td>{box.slice_number}</td><td>{box.x:.1f}</td><td>{box.y:.1f}</td>"
+                         f"<td>{box.width:.1f}</td><td>{box.height:.1f}</td><td>{box.score:.3f}"
+                         f"</td><td>{e(where)}</td></tr>")  # fmt: skip
+        parts.append("</table>")
+        if len(result.boxes) > max_boxes:
+            parts.append(f"<p>... and {len(result.boxes) - max_boxes} more (see the JSON).</p>")
+    else:
+        parts.append("<p>No fracture box.</p>")
+    parts.append(f"<p><small>Series folder: <code>{e(result.folder)}</code>. Research software, "
+                 "not a medical device.</small></p></body></html>")  # fmt: skip
+    return "\n".join(parts) + "\n"
+
+
+def render_markdown(result: StudyResult, figures: Mapping[str, Path], base: Path | None = None,
+                    threshold: float = 0.5, max_boxes: int = 25) -> str:  # fmt: skip
+    """The Markdown report of a study (figures linked relative to ``base``)."""
+    base = Path(base or ".")
+    lines = [
+        f"# Cervical spine fracture report: {result.uid}", "",
+        f"{len(result.slice_numbers)} slices, stage 2 on {int(np.asarray(result.gated).sum())}; "
+        f"{len(result.boxes)} fracture boxes; patient fracture probability "
+        f"**{result.fracture['patient_overall']:.3f}**.", "",
+        "| target | P(fracture) |", "|---|---|",
+    ]  # fmt: skip
+    lines += [f"| {t} | {v:.3f} |" for t, v in _probability_rows(result)]
+    for name in FIGURES:
+        if name in figures:
+            lines += ["", f"![{name}]({os.path.relpath(figures[name], base)})"]
+    lines += ["", "| vertebra | slices |", "|---|---|"]
+    lines += [f"| {v} | {text} |" for v, text in _extent_rows(result, threshold)]
+    lines += ["", "| slice | x | y | width | height | score | vertebrae |", "|---|---|---|---|---|---|---|"]
+    for box in result.boxes[:max_boxes]:
+        where = ", ".join(f"{v} {w:.2f}" for v, w in box.vertebrae.items()) or "none"
+        lines.append(f"| {box.slice_number} | {box.x:.1f} | {box.y:.1f} | {box.width:.1f} | "
+                     f"{box.height:.1f} | {box.score:.3f} | {where} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_study_report(result: StudyResult, folder: str | os.PathLike, fmt: str = "html",
+                       threshold: float = 0.5, truth: Mapping[str, int] | None = None) -> Path:  # fmt: skip
+    """Draw the figures of ``result`` into ``folder`` and write ``report.html`` or ``report.md``.
+
+    Returns the report's path.
+    """
+    if fmt not in ("html", "markdown"):
+        raise ValueError(f"fmt must be 'html' or 'markdown', got {fmt!r}")
+    folder = Path(folder)
+    figures = {
+        "overview": save_figure(figure_overview(result, threshold), folder / "overview.png"),
+        "fractures": save_figure(figure_key_slices(result), folder / "fractures.png"),
+        "vertebrae": save_figure(figure_vertebra_bars(result, truth), folder / "vertebrae.png"),
+    }
+    if fmt == "html":
+        path, text = folder / "report.html", render_html(result, figures, folder, threshold)
+    else:
+        path, text = folder / "report.md", render_markdown(result, figures, folder, threshold)
+    with atomic_write(path, encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def write_index(table: Sequence[Mapping[str, Any]], reports: Mapping[str, str],
+                out: str | os.PathLike) -> Path:  # fmt: skip
+    """``out/index.html``: one row per study (probabilities, counts, status, report link)."""
+    out = Path(out)
+    e = html.escape
+    head = "".join(f"<th>{t}</th>" for t in (*TARGETS, "slices", "stage 2", "boxes", "status"))
+    rows = []
+    for row in table:
+        uid = str(row["StudyInstanceUID"])
+        link = e(uid)
+        if uid in reports:
+            link = f"<a href='{e(os.path.relpath(reports[uid], out))}'>{e(uid)}</a>"
+        cells = "".join(f"<td>{float(row[t]):.3f}</td>" for t in TARGETS)
+        cells += "".join(f"<td>{e(str(row[k]))}</td>" for k in ("n_slices", "n_gated", "n_boxes",
+                                                                 "status"))  # fmt: skip
+        rows.append(f"<tr><td style='text-align:left'>{link}</td>{cells}</tr>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>keras_cspine predictions</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid "
+        "#ccc;padding:2px 6px;text-align:right}</style></head><body>"
+        f"<h1>Two-stage predictions ({len(table)} studies)</h1><table><tr><th>study</th>{head}</tr>"
+        + "\n".join(rows) + "</table></body></html>\n"
+    )
+    path = out / "index.html"
+    with atomic_write(path, encoding="utf-8") as handle:
+        handle.write(page)
+    return path
