@@ -31,7 +31,7 @@ def child(prepared: str, keep: bool, size: int, batch: int, steps: int, epochs: 
     import keras
 
     from keras_cspine.stage1.dataset import CSpineSequence, KeepFreedMemory
-    from keras_cspine.stage1.models.baselines import build_model
+    from keras_cspine.stage1.models.factory import build_model
     from keras_cspine.stage1.train import build_training_state
 
     keras.utils.set_random_seed(0)

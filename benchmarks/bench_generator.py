@@ -67,7 +67,7 @@ def model_rate(model_name: str, size: int, batch: int, steps: int) -> float:
     """Training images per second of a registry model (random data, after one warm-up step)."""
     import keras
 
-    from keras_cspine.stage1.models.baselines import build_model, get_spec
+    from keras_cspine.stage1.models.factory import build_model, get_spec
 
     model = build_model(model_name, image_size=size)
     model.compile("adam", "binary_crossentropy", jit_compile=False)

@@ -77,7 +77,7 @@ def random_stage1(folder: Path, paper: bool) -> Path:
     name, size = ("gcvit_tiny", 224) if paper else ("gcvit_xxtiny", 64)
     keras_path = folder / f"{name}_{size}.keras"
     if not keras_path.is_file():
-        from keras_cspine.stage1.models.baselines import build_model
+        from keras_cspine.stage1.models.factory import build_model
 
         build_model(name, image_size=size, freeze="none").save(keras_path)
     return keras_path

@@ -64,7 +64,7 @@ class _Mode:
 
     def __init__(self, policy: str, jit: bool, args, batch):
 
-        from keras_cspine.stage1.models.baselines import count_parameters
+        from keras_cspine.stage1.models.factory import count_parameters
         from keras_cspine.stage1.train import (
             _dtype_policy,
             build_and_compile,

@@ -1,65 +1,6 @@
-"""``python -m keras_cspine <command>``: one entry point for every step of the pipeline.
+"""``python -m keras_cspine <command>``: see :mod:`keras_cspine.cli`."""
 
-Commands are imported lazily, so ``--help`` is instant and the detection commands never load
-TensorFlow (TensorFlow imported before torch crashes the process).
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib
-import importlib.util
-import sys
-from collections.abc import Sequence
-
-# command -> (module, one-line help). Each module has configure_parser(parser) and run(args).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("keras_cspine.synthetic.dataset", "write a synthetic dataset in the RSNA 2022 layout"),
-    "prepare": ("keras_cspine.data.prepare", "build the slice index and the model-ready image cache"),
-    "look": ("keras_cspine.viz", "figures of prepared slices with their labels and boxes"),
-    "train": ("keras_cspine.stage1.train", "stage 1: train the vertebrae classifier (GCViT or baseline)"),
-    "evaluate": ("keras_cspine.stage1.evaluate", "stage 1: Tables 1-2 metrics and Figure 6 for a run"),
-    "detect": ("keras_cspine.stage2.cli", "stage 2: YOLO export / train / val / onnx"),
-    "predict": ("keras_cspine.pipeline.predict", "two-stage inference: studies in, findings out"),
-    "reproduce": ("keras_cspine.paper.reproduce", "reproduce a paper table (table1, table3)"),
-    "demo": ("keras_cspine.paper.demo", "the whole pipeline on a small synthetic dataset"),
-    "weights": ("keras_cspine.stage1.models.pretrained", "pretrained weights: list, fetch (the only download), add"),
-}
-
-
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The top-level parser; only ``command``'s module is imported to configure its arguments."""
-    parser = argparse.ArgumentParser(
-        prog="python -m keras_cspine",
-        description="Cervical spine fracture detection in CT with Keras 3 (RSNA 2022 layout).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        if not _available(module):
-            continue
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:
-            importlib.import_module(module).configure_parser(sub_parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
-        command = None
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
-
+from keras_cspine.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -165,8 +165,8 @@ model is GCViT-xxtiny at 64 px; on Kaggle the paper's GCViT-tiny at 224 px.
     code(DATA),
     code(PREPARE),
     md("## The paper's model: exact Table 1 parameter counts"),
-    code('''from keras_cspine.stage1.models.baselines import build_model, count_parameters
-from keras_cspine.stage1.models.baselines import PAPER_PARAMETERS
+    code('''from keras_cspine.stage1.models.factory import build_model, count_parameters
+from keras_cspine.stage1.models.factory import PAPER_PARAMETERS
 
 if SMALL:   # GCViT-tiny at 224 px takes a little while to build on a small CPU
     counts = count_parameters(build_model("gcvit_xxtiny", image_size=64, freeze="none"))

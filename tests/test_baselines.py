@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_cspine.stage1.models import baselines as B
+from keras_cspine.stage1.models import baselines
+from keras_cspine.stage1.models import factory as B
 
 TINY_VIT = {"patch_size": 8, "num_layers": 5, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
 TINY_SWIN = {"embed_dim": 8, "depths": (1, 1), "num_heads": (1, 1), "window_size": 2,
@@ -91,7 +92,7 @@ def test_vit_preset_loads_with_resized_position_table(tmp_path):
     source = hub.get_layer("vit_patching_and_embedding").position_embedding.embeddings.numpy()
     assert table.shape == (1 + 36, 16)
     np.testing.assert_array_equal(table[0], source[0])  # the class token's row is kept
-    np.testing.assert_allclose(table, B.resize_position_embedding(source, 37))
+    np.testing.assert_allclose(table, baselines.resize_position_embedding(source, 37))
     # a preset of another depth names the folder
     with pytest.raises(ValueError, match="preset.*5 blocks of 16 does not fit 2 blocks"):
         B.build_model("vit", image_size=32, weights=tmp_path / "preset", freeze="none",
@@ -100,12 +101,12 @@ def test_vit_preset_loads_with_resized_position_table(tmp_path):
 
 def test_resize_position_embedding():
     table = np.random.default_rng(0).normal(size=(1 + 16, 3)).astype("float32")
-    np.testing.assert_allclose(B.resize_position_embedding(table, 17), table, atol=1e-6)
-    bigger = B.resize_position_embedding(table, 1 + 64)
+    np.testing.assert_allclose(baselines.resize_position_embedding(table, 17), table, atol=1e-6)
+    bigger = baselines.resize_position_embedding(table, 1 + 64)
     assert bigger.shape == (65, 3) and bigger.dtype == np.float32
     np.testing.assert_array_equal(bigger[0], table[0])
     with pytest.raises(ValueError, match="square"):
-        B.resize_position_embedding(table, 20)
+        baselines.resize_position_embedding(table, 20)
 
 
 #: Table 1 of the paper, trainable / non-trainable, every row built with its config's freeze

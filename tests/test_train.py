@@ -131,7 +131,7 @@ PAPER_CONFIGS = ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet15
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_configs_follow_the_paper_recipe(name):
     """Algorithm 1 slices at 224 px, ImageNet weights, 25 epochs, nothing the paper does not name."""
-    from keras_cspine.stage1.models.baselines import get_spec
+    from keras_cspine.stage1.models.factory import get_spec
 
     config = load_stage1_config(f"stage1_{name}")
     spec = get_spec(name)
@@ -168,7 +168,7 @@ def test_frozen_random_backbone_is_refused(tmp_path, overrides, refused):
 
 
 def test_missing_imagenet_weights_name_the_fetch_command(tmp_path, monkeypatch):
-    from keras_cspine.stage1.models.baselines import WeightsNotFoundError, build_model
+    from keras_cspine.stage1.models.factory import WeightsNotFoundError, build_model
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="keras-cspine weights fetch inceptionv3"):

@@ -1,6 +1,6 @@
 """Per-study reports of the two-stage pipeline (the paper's stage 1 and stage 2, Sections 2.5-2.6).
 
-For one :class:`keras_cspine.pipeline.predict.StudyResult` this module draws three figures and writes an
+For one :class:`keras_cspine.pipeline.results.StudyResult` this module draws three figures and writes an
 HTML or Markdown page around them:
 
 - ``overview.png``: a sagittal projection through the spine (head at the top, anterior on the
@@ -23,16 +23,14 @@ import html
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from keras_cspine.io.rsna import TARGETS, VERTEBRAE
+from keras_cspine.pipeline.results import StudyResult
 from keras_cspine.utils import atomic_write
 from keras_cspine.viz import VERTEBRA_COLOURS, _pyplot, save_figure
-
-if TYPE_CHECKING:  # pragma: no cover
-    from keras_cspine.pipeline.predict import StudyResult
 
 __all__ = [
     "figure_key_slices",

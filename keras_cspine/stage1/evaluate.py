@@ -22,7 +22,6 @@ Files written into the run directory (atomically):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,9 +34,11 @@ import pandas as pd
 
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import VERTEBRAE
+from keras_cspine.stage1 import runs
+from keras_cspine.stage1.config import Stage1Config
 from keras_cspine.stage1.metrics import classification_report_frame, multilabel_metrics
+from keras_cspine.stage1.runs import history_from_log
 from keras_cspine.stage1.sequence_model import (
-    SEQUENCE_MODEL_FILE,
     apply_sequence_model,
     load_sequence_model,
     slice_features,
@@ -153,7 +154,7 @@ def table1_row(
     **extra: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """One Table 1 row: our figures beside the paper's (blank for models outside the table)."""
-    from keras_cspine.stage1.models.baselines import PAPER_PARAMETERS
+    from keras_cspine.stage1.models.factory import PAPER_PARAMETERS
 
     paper = PAPER_TABLE1.get(row or "", (math.nan, math.nan, math.nan))
     paper_counts = PAPER_PARAMETERS.get(row or "", (None, None))
@@ -199,16 +200,12 @@ def predict_sequence(model, sequence) -> tuple[np.ndarray, np.ndarray]:
 
 def _level_decoder(run_dir: Path, prepared: Path, train_studies: Sequence[str]):
     """The run's ``level_decoder.json``; fitted on its training split for runs without one."""
-    from keras_cspine.stage1.level_decoding import (
-        LEVEL_DECODER_FILE,
-        LevelDecoder,
-        fit_from_prepared,
-    )
+    from keras_cspine.stage1.level_decoding import LevelDecoder, fit_from_prepared
 
-    if (run_dir / LEVEL_DECODER_FILE).is_file():
-        return LevelDecoder.load(run_dir / LEVEL_DECODER_FILE)
+    if (run_dir / runs.LEVEL_DECODER_FILE).is_file():
+        return LevelDecoder.load(run_dir / runs.LEVEL_DECODER_FILE)
     decoder = fit_from_prepared(prepared, train_studies)
-    decoder.save(run_dir / LEVEL_DECODER_FILE)
+    decoder.save(run_dir / runs.LEVEL_DECODER_FILE)
     return decoder
 
 
@@ -235,23 +232,21 @@ def evaluate_run(
 
     from keras_cspine.config import load_config
     from keras_cspine.stage1.dataset import CSpineSequence
-    from keras_cspine.stage1.models.baselines import count_parameters, get_spec
-    from keras_cspine.stage1.train import Stage1Config, history_from_log
-
+    from keras_cspine.stage1.models.factory import count_parameters, get_spec
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "splits.json", "model.keras"):
+    for name in (runs.CONFIG_FILE, runs.SPLITS_FILE, runs.MODEL_FILE):
         if not (run_dir / name).is_file():
             raise CSpineDataError(run_dir / name, "missing: not a finished training run directory")
-    config = load_config(Stage1Config, run_dir / "config.yaml")
-    with open(run_dir / "splits.json", encoding="utf-8") as handle:
+    config = load_config(Stage1Config, run_dir / runs.CONFIG_FILE)
+    with open(run_dir / runs.SPLITS_FILE, encoding="utf-8") as handle:
         splits = json.load(handle)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if not splits.get(split):
-        raise CSpineDataError(run_dir / "splits.json", f"the {split!r} split is empty")
+        raise CSpineDataError(run_dir / runs.SPLITS_FILE, f"the {split!r} split is empty")
     prepared = Path(prepared or splits["prepared"])
 
-    model = keras.saving.load_model(run_dir / "model.keras")
+    model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     sequence = CSpineSequence(
         prepared, splits[split], batch_size=batch_size or config.train.batch_size,
         inputs=get_spec(config.model.name).inputs, metadata_columns=config.data.metadata_columns,
@@ -269,8 +264,8 @@ def evaluate_run(
                                        frame["position_mm"].to_numpy())  # fmt: skip
     metrics_decoded = multilabel_metrics(y_true, y_decoded)
     y_sequence = metrics_sequence = None
-    if (run_dir / SEQUENCE_MODEL_FILE).is_file():
-        sequence_model = load_sequence_model(run_dir / SEQUENCE_MODEL_FILE)
+    if (run_dir / runs.SEQUENCE_MODEL_FILE).is_file():
+        sequence_model = load_sequence_model(run_dir / runs.SEQUENCE_MODEL_FILE)
         y_sequence = apply_sequence_model(sequence_model, features,
                                           frame["StudyInstanceUID"].to_numpy(),
                                           frame["series_index"].to_numpy())  # fmt: skip
@@ -290,10 +285,10 @@ def evaluate_run(
         row_sequence = table1_row(None, config.model.name, metrics_sequence, parameters, **extra)
         row_sequence["row"] = f"{row['row']} + sequence model"
         rows.append(row_sequence)
-    write_table(table1_frame(rows), run_dir / "table1_row")
-    files["table1_row"] = str(run_dir / "table1_row.csv")
-    write_table(report, run_dir / "table2", index=True)
-    files["table2"] = str(run_dir / "table2.csv")
+    write_table(table1_frame(rows), run_dir / runs.TABLE1_ROW)
+    files["table1_row"] = str(run_dir / f"{runs.TABLE1_ROW}.csv")
+    write_table(report, run_dir / runs.TABLE2, index=True)
+    files["table2"] = str(run_dir / f"{runs.TABLE2}.csv")
 
     predictions = sequence.frame[["StudyInstanceUID", "slice_number", "series_index"]].copy()
     for k, name in enumerate(VERTEBRAE):
@@ -305,16 +300,16 @@ def evaluate_run(
     if y_sequence is not None:
         for k, name in enumerate(VERTEBRAE):
             predictions[f"sequence_{name}"] = np.round(y_sequence[:, k], 6)
-    with atomic_write(run_dir / "predictions.csv", newline="") as handle:
+    with atomic_write(run_dir / runs.PREDICTIONS_FILE, newline="") as handle:
         predictions.to_csv(handle, index=False)
-    files["predictions"] = str(run_dir / "predictions.csv")
+    files["predictions"] = str(run_dir / runs.PREDICTIONS_FILE)
     files["study_levels"] = str(plot_study_levels(predictions,
                                                   run_dir / "figures" / "study_levels.png"))
 
-    history = history_from_log(run_dir / "training_log.csv")
+    history = history_from_log(run_dir / runs.TRAINING_LOG_FILE)
     if history.get("loss"):
         figure = plot_loss_curves(
-            history, run_dir / "figures" / "loss_curves.png", title=f"{config.name} (Figure 6)"
+            history, run_dir / runs.FIGURES_DIR / runs.LOSS_CURVES_FIGURE, title=f"{config.name} (Figure 6)"
         )
         files["loss_curves"] = str(figure)
 
@@ -330,35 +325,5 @@ def evaluate_run(
         "table2": json.loads(report.to_json(orient="index")),
         "files": files,
     }
-    write_json(run_dir / "metrics.json", result)
+    write_json(run_dir / runs.METRICS_FILE, result)
     return result
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m keras_cspine evaluate``."""
-    parser.add_argument("run_dir", help="a training run directory (with model.keras)")
-    parser.add_argument("--split", default="test", choices=("test", "val", "train"))
-    parser.add_argument("--data", help="prepare folder holding the split's studies")
-    parser.add_argument("--batch-size", type=int, help="prediction batch size")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``evaluate`` from parsed arguments; prints Tables 1 and 2."""
-    result = evaluate_run(args.run_dir, args.split, args.data, args.batch_size)
-    run_dir = Path(args.run_dir)
-    print((run_dir / "table1_row.md").read_text(encoding="utf-8"))
-    print((run_dir / "table2.md").read_text(encoding="utf-8"))
-    print(f"[evaluate] wrote {', '.join(sorted(result['files'].values()))}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.stage1.evaluate``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.stage1.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

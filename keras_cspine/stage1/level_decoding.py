@@ -39,7 +39,6 @@ from keras_cspine.utils import write_json
 
 N_LEVELS = 7
 FORMAT = "keras_cspine.level_decoder/1"
-LEVEL_DECODER_FILE = "level_decoder.json"
 """Its file name in a stage 1 run directory."""
 
 

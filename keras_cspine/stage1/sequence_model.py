@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from keras_cspine.errors import CSpineDataError
+from keras_cspine.stage1.config import SequenceConfig
+from keras_cspine.stage1.runs import SEQUENCE_MODEL_FILE
 
-SEQUENCE_MODEL_FILE = "sequence_model.keras"
 """Its file name in a stage 1 run directory."""
 
 __all__ = [
@@ -61,49 +61,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class SequenceConfig:
-    """The study sequence model of a stage 1 run (``sequence:`` in a stage 1 config).
-
-    Args:
-        enabled: train it after the classifier (``train``) and use it (``evaluate``,
-            ``predict``).
-        projection: units of the Dense layer before the GRU.
-        units: GRU units per direction.
-        noise: standard deviation of the Gaussian noise added to the normalised features while
-            training (the classifier's features of its own training studies are cleaner than
-            those of unseen studies).
-        dropout: dropout rate on the features while training.
-        epochs, patience: at most ``epochs``; stop after ``patience`` epochs without a lower
-            validation loss and keep the best weights.
-        learning_rate: Adam's learning rate.
-        batch_size: studies per batch.
-    """
-
-    enabled: bool = True
-    projection: int = 64
-    units: int = 64
-    noise: float = 0.3
-    dropout: float = 0.2
-    epochs: int = 60
-    patience: int = 10
-    learning_rate: float = 3e-3
-    batch_size: int = 8
-
-    def __post_init__(self):
-        for name in ("projection", "units", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"sequence.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"sequence.patience must be an integer >= 0, got {self.patience!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"sequence.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.noise < 0.0 or self.learning_rate <= 0.0:
-            raise ValueError(
-                f"sequence.noise must be >= 0 and sequence.learning_rate > 0, got "
-                f"{self.noise!r}, {self.learning_rate!r}"
-            )
+_DEFAULT_CONFIG = SequenceConfig()
 
 
 class StudyBatch(NamedTuple):
@@ -161,7 +119,7 @@ def pad_studies(features, study_ids: Sequence, order: Sequence, labels=None) -> 
     return StudyBatch(padded, mask, padded_labels, rows, studies)
 
 
-def build_sequence_model(feature_dim: int, config: SequenceConfig = SequenceConfig(),
+def build_sequence_model(feature_dim: int, config: SequenceConfig = _DEFAULT_CONFIG,
                          mean=None, variance=None, num_classes: int = 7):  # fmt: skip
     """The study sequence model: ``{"features": (B, L, F), "mask": (B, L) bool}`` -> ``(B, L, 7)``.
 
@@ -192,7 +150,7 @@ def build_sequence_model(feature_dim: int, config: SequenceConfig = SequenceConf
 
 
 def fit_sequence_model(train: StudyBatch, val: StudyBatch | None,
-                       config: SequenceConfig = SequenceConfig(), seed: int = 0,
+                       config: SequenceConfig = _DEFAULT_CONFIG, seed: int = 0,
                        verbose: int = 0) -> tuple[Any, dict[str, list[float]]]:  # fmt: skip
     """Train a sequence model on padded studies with labels; returns ``(model, history)``.
 

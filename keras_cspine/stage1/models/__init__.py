@@ -1,8 +1,21 @@
-"""Stage 1 models (paper Section 2.5): the Keras 3 GCViT, its timm weight port and the paper's
-two-input vertebrae classifier.
+"""Stage 1 models (Section 2.5, Figures 2 and 5): the Keras 3 GCViT, its timm weight port, the
+paper's two-input classifier, the image-only baselines and the one registry they are built by.
 
-Names are imported lazily, so that ``keras_cspine.stage1.models.weights`` (NumPy and safetensors only)
-can be used without importing TensorFlow.
+=====================  ==================================================================
+module                 what it holds
+=====================  ==================================================================
+``registry``           :class:`ModelSpec`, ``REGISTRY``, ``register_model`` (the bottom)
+``gcvit_presets``      GCViT variants' architecture and data settings
+``weights``            timm GCViT state dicts -> Keras (NumPy/safetensors, no TensorFlow)
+``pretrained``         the ImageNet weights files: where they are, fetch, add, checks
+``gcvit``              the Keras 3 GCViT (registers ``gcvit_*``)
+``baselines``          Keras Applications, ViT, Swin, metadata-only (registers them)
+``classifier``         :class:`MultiInputClassifier`, the paper's head, freezing
+``factory``            :func:`build_model` (any registered name), parameter counts
+=====================  ==================================================================
+
+Names are imported lazily, so that ``weights`` and ``pretrained`` can be used without importing
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -11,9 +24,9 @@ import importlib
 
 _EXPORTS = {
     "GCViT": "gcvit",
-    "GCVIT_VARIANTS": "gcvit",
-    "IMAGENET_MEAN": "gcvit",
-    "IMAGENET_STD": "gcvit",
+    "GCVIT_VARIANTS": "gcvit_presets",
+    "IMAGENET_MEAN": "gcvit_presets",
+    "IMAGENET_STD": "gcvit_presets",
     "PixelNormalization": "gcvit",
     "build_gcvit": "gcvit",
     "gcvit_geometry": "gcvit",
@@ -34,6 +47,14 @@ _EXPORTS = {
     "load_gcvit_weights": "weights",
     "read_state_dict": "weights",
     "resolve_weights": "weights",
+    "ModelSpec": "registry",
+    "REGISTRY": "factory",
+    "PAPER_PARAMETERS": "registry",
+    "register_model": "registry",
+    "get_spec": "factory",
+    "available_models": "factory",
+    "build_model": "factory",
+    "count_parameters": "factory",
 }
 
 __all__ = sorted(_EXPORTS)

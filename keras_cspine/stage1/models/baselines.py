@@ -1,52 +1,38 @@
-"""The model registry of Table 1: the paper's two-input GCViT and the image-only baselines.
+"""The image-only baselines of Table 1 (Section 2.5), registered in
+:mod:`~keras_cspine.stage1.models.registry` when this module is imported.
 
-Paper Section 3 (Table 1) compares the proposed GCViT model (image + metadata) with image-only
-baselines: ViT, ConvNeXt, InceptionV3, ResNet152V2 and Swin (VGG19 and DenseNet are named in the
-text). Every model here ends in the same 7-sigmoid head (C1..C7 presence), built by name with
-:func:`build_model`:
+=================  =============================================  =======  ==========================
+name               backbone                                       preproc  head (after the backbone)
+=================  =============================================  =======  ==========================
+resnet152v2        keras.applications.ResNet152V2, last 15 tuned  tf       GAP, Dense 256, Dense 7
+inceptionv3        keras.applications.InceptionV3, last 6 tuned   tf       GAP, Dense 256, Dense 7
+convnext_small     keras.applications.ConvNeXtSmall, last 13      built in GAP, Dense 256, Dense 7
+vgg19              keras.applications.VGG19, block 5 tuned        caffe    GAP, Dense 256, Dense 7
+densenet121        keras.applications.DenseNet121, last 16       torch    GAP, Dense 256, Dense 7
+convnext_tiny      keras.applications.ConvNeXtTiny, last 13       built in GAP, Dense 256, Dense 7
+vit                ViT-B/32 at 256 px (keras-hub layers), 4 of    tf       class token, BN-Dense 256,
+                   12 blocks frozen                                        BN-Dense 128, BN-Dense 7
+swin               keras-hub Swin-S + 1,000-logit ImageNet top    torch    BN-Dense 256, BN-Dense 128,
+                                                                           BN-Dense 7
+metadata_only      none: position and slice ratio only            -        Dense 16, 16, 256, 7
+=================  =============================================  =======  ==========================
 
-=================  ==========================================  =================  =========
-name               backbone                                    inputs             preprocess
-=================  ==========================================  =================  =========
-gcvit_tiny         GCViT-tiny (paper), models/classifier.py    image + metadata   (model's)
-gcvit_xtiny        GCViT-xtiny                                 image + metadata   (model's)
-gcvit_xxtiny       GCViT-xxtiny (small, for CPU runs)          image + metadata   (model's)
-resnet152v2        keras.applications.ResNet152V2              image              tf
-vgg19              keras.applications.VGG19                    image              caffe
-densenet121        keras.applications.DenseNet121              image              torch
-inceptionv3        keras.applications.InceptionV3              image              tf
-convnext_tiny      keras.applications.ConvNeXtTiny             image              (built in)
-vit                keras_hub ViTBackbone (ViT-B/16 shape)      image              tf
-swin               keras_hub SwinTransformerBackbone (Swin-T)  image              torch
-metadata_only      none: position and slice ratio only         metadata           -
-=================  ==========================================  =================  =========
+The Table 1 rows are built exactly as the paper counts them (README, "The paper's networks, to
+the parameter"). Images enter as float 0-255 RGB; each backbone normalises them itself (an
+:class:`ImagePreprocessing` layer in the mode its ImageNet weights expect). ``metadata_only`` is
+not a paper model: it measures how much of the task position alone solves.
 
-Every image model is a ``keras_cspine.stage1.models.classifier.MultiInputClassifier``: the GCViT ones
-with their metadata branch, the baselines through ``build_image_classifier`` (the paper's head
-without the metadata branch: global average pooling -> Dense(64) -> Dense(256) -> Dense(7,
-sigmoid) named ``vertebrae``). The baselines' backbones are registered by name with
-``classifier.register_backbone`` when this module is imported, so a saved baseline reloads after
-``import keras_cspine.stage1.models.baselines``. Images enter as float 0-255 RGB under the input name
-``image``; each backbone normalises them itself (an :class:`ImagePreprocessing` layer in the mode
-its ImageNet weights expect).
-
-``metadata_only`` is not a paper model: it measures how much of the task position alone solves
-(a control for leakage through the metadata input).
-
-Weights (nothing is ever downloaded): ``None`` (random, the default); a path (``.weights.h5``:
-weights of the whole model saved by Keras; another ``.h5``: ImageNet "notop" backbone weights of a
-keras.applications model; a folder: a local keras-hub preset for ``vit``/``swin``; a timm file for
-GCViT); ``"imagenet"`` only when the notop file is already in the local Keras cache
-(``$KERAS_HOME/models``, default ``~/.keras/models``), otherwise :class:`WeightsNotFoundError`.
-
-keras-hub (``vit``, ``swin``) is the optional extra ``baselines`` and is imported lazily.
+Weights (never downloaded here): ``None`` (random); ``"imagenet"`` from the local caches of
+:mod:`~keras_cspine.stage1.models.pretrained` (``keras-cspine weights fetch NAME`` gets them);
+a path (a Keras Applications notop ``.h5``, checked layer by layer; a keras-hub preset folder for
+``vit`` / ``swin``). keras-hub (``vit``, ``swin``) is the optional extra ``baselines``, imported
+lazily.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +40,15 @@ import keras
 import numpy as np
 
 from keras_cspine.errors import MissingDependencyError
-
-NUM_CLASSES = 7
-IMAGE_MODES = ("image+metadata", "image", "metadata")
+from keras_cspine.stage1.models.pretrained import check_keras_h5, require
+from keras_cspine.stage1.models.registry import PAPER_PARAMETERS, ModelSpec, register_model
 
 __all__ = [
-    "REGISTRY",
+    "ClassToken",
     "ImagePreprocessing",
-    "ModelSpec",
     "WeightsNotFoundError",
-    "available_models",
-    "build_model",
-    "count_parameters",
-    "get_spec",
+    "build_metadata_only",
+    "resize_position_embedding",
 ]
 
 
@@ -125,45 +107,6 @@ class ImagePreprocessing(keras.layers.Layer):
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the registry.
-
-    Args:
-        name: registry key (also the backbone name registered with the classifier).
-        inputs: what the model reads: ``"image+metadata"``, ``"image"`` or ``"metadata"`` (the
-            matching ``CSpineSequence(inputs=...)``).
-        description: one line for listings.
-        paper: the Table 1 row name, or None for models outside the table.
-        min_size: smallest accepted image side.
-        backbone: for image-only baselines, the builder registered with
-            ``keras_cspine.stage1.models.classifier.register_backbone``.
-        default_freeze: the freeze spec used when ``build_model(freeze=None)``: the paper's cut
-            for the Table 1 rows (see :func:`keras_cspine.stage1.models.classifier.freeze_backbone`).
-        image_dense: the Dense layer after pooling the image features (None: none). The GCViT
-            model has one (64 units, Figure 5); the baselines' counts in Table 1 say they go
-            straight from pooling to Dense(256).
-        paper_parameters: ``(trainable, non_trainable)`` as Table 1 prints them, for the rows
-            of the table (built at ``paper_size`` with the default freeze).
-        weights: the :mod:`keras_cspine.stage1.models.pretrained` entry holding its ImageNet weights.
-        head: other head defaults of the classifier (``head_units``, ``head_norm``).
-        paper_size: the image side at which the paper's counts hold (ViT: 256).
-    """
-
-    name: str
-    inputs: str
-    description: str
-    paper: str | None = None
-    min_size: int = 32
-    backbone: Callable[..., keras.Model] | None = field(default=None, repr=False)
-    default_freeze: str | None = None
-    image_dense: int | None = 64
-    paper_parameters: tuple[int, int] | None = None
-    weights: str | None = None
-    head: Mapping[str, Any] = field(default_factory=dict)
-    paper_size: int = 224
-
-
 def _keras_cache_file(file_name: str) -> Path | None:
     base = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
     candidate = base / "models" / file_name
@@ -215,8 +158,6 @@ def _application_backbone(
         )
         backbone = keras.Model(inputs, app.output, name=f"{name}_backbone")
         if resolved is not None:
-            from keras_cspine.stage1.models.pretrained import check_keras_h5
-
             check_keras_h5(resolved, backbone)  # names the first layer that does not fit
             backbone.load_weights(resolved)
         return backbone
@@ -283,8 +224,6 @@ def _vit_backbone(image_size, weights=None, patch_size=32, num_layers=12, num_he
 
 def _preset_folder(weights, name: str) -> Path:
     if weights == "imagenet":
-        from keras_cspine.stage1.models.pretrained import require
-
         return require(name)
     if not Path(weights).is_dir():
         raise WeightsNotFoundError(f"{weights}: not a local keras-hub preset folder")
@@ -354,7 +293,7 @@ def _swin_backbone(image_size, weights=None, imagenet_top: int = 1000, **kwargs)
     return keras.Model(inputs, x, name="swin_backbone")
 
 
-def _build_metadata_only(
+def build_metadata_only(
     image_size: int,
     num_classes: int,
     num_metadata: int = 2,
@@ -383,16 +322,6 @@ def _app(name, cls, preprocess, notop, *, paper=None, freeze="none", counts=None
     )  # fmt: skip
 
 
-#: Table 1's parameter counts (trainable, non-trainable) of each row.
-PAPER_PARAMETERS = {
-    "Proposed (GCViT)": (13_080_663, 14_683_998),
-    "ViT": (56_937_479, 30_764_544),
-    "ConvNeXt": (9_686_535, 39_966_816),
-    "InceptionV3": (526_535, 21_802_592),
-    "ResNet152V2": (6_045_703, 52_812_288),
-    "Swin": (49_899_081, 2_768),
-}
-
 # ViT and Swin end in the head their counts show: BatchNorm -> Dense(256) -> BatchNorm ->
 # Dense(128) -> BatchNorm -> Dense(7) (the BatchNorm statistics are Swin's 2,768 non-trainable).
 _BN_HEAD = {"head_units": (256, 128), "head_norm": "batch"}
@@ -414,16 +343,7 @@ SWIN_SPEC = ModelSpec(
 # batch normalisation (its 192 betas) onwards (6 layers); ConvNeXtSmall: from
 # stage_3_block_1_pointwise_conv_1 on (13 layers). VGG19 and DenseNet121 (named in Section 2.5
 # without counts) fine-tune their last block the same way.
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("gcvit_tiny", "image+metadata", "GCViT-tiny + metadata, the paper's model",
-                  paper="Proposed (GCViT)", default_freeze="levels_2",
-                  paper_parameters=PAPER_PARAMETERS["Proposed (GCViT)"], weights="gcvit_tiny"),
-        ModelSpec("gcvit_xtiny", "image+metadata", "GCViT-xtiny + metadata",
-                  default_freeze="none"),
-        ModelSpec("gcvit_xxtiny", "image+metadata",
-                  "GCViT-xxtiny + metadata (small, for CPU runs)", default_freeze="none"),
+for _spec in (
         _app("resnet152v2", "ResNet152V2", "tf",
              "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5", paper="ResNet152V2",
              freeze="all_but_last:15", counts=PAPER_PARAMETERS["ResNet152V2"]),
@@ -444,147 +364,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("metadata_only", "metadata",
                   "position and slice ratio only (leakage control, not in the paper)",
                   min_size=1),
-    )
-}  # fmt: skip
+):
+    register_model(_spec)  # fmt: skip
 
 
-def _register_backbones() -> None:
-    from keras_cspine.stage1.models.classifier import available_backbones, register_backbone
-
-    known = available_backbones()
-    for spec in REGISTRY.values():
-        if spec.backbone is not None and spec.name not in known:
-            register_backbone(spec.name, spec.backbone)
-
-
-_register_backbones()
-
-
-def available_models() -> list[str]:
-    """Names accepted by :func:`build_model`."""
-    return list(REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``name``; ValueError listing the known names otherwise."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
-
-
-def build_model(
-    name: str,
-    *,
-    image_size: int = 224,
-    num_classes: int = NUM_CLASSES,
-    weights: str | os.PathLike | None = None,
-    freeze: str | None = None,
-    **kwargs,
-) -> keras.Model:
-    """Build a registry model by name (random weights unless ``weights`` says otherwise).
-
-    GCViT models are ``build_multi_input_classifier(backbone=name)``; image-only baselines are
-    ``build_image_classifier(backbone=name)`` (the same head minus the metadata branch), both
-    from :mod:`keras_cspine.stage1.models.classifier`, so every model shares one head and one saved
-    format.
-
-    Args:
-        name: a key of :data:`REGISTRY` (see :func:`available_models`).
-        image_size: input side in pixels (images are 0-255 RGB floats).
-        num_classes: sigmoid outputs (7: C1..C7).
-        weights: None; "imagenet" (local cache only); a ``.weights.h5`` file of the whole model;
-            another path: backbone weights (keras.applications notop ``.h5``, a keras-hub preset
-            folder, or a timm GCViT file).
-        freeze: the classifier's freeze spec: ``"none"``, ``"all"`` (alias ``"backbone"``), a
-            backbone layer name (GCViT: ``"levels_2"`` is the paper's) or ``"all_but_last:N"``
-            (fine-tune the backbone's last N layers); None: the model's default, which for a
-            Table 1 row is the paper's cut (:data:`ModelSpec.paper_parameters` at 224 px).
-        **kwargs: passed to the classifier (``image_dense``, ``head_units``, ``dropout``,
-            ``backbone_kwargs`` such as ``{"num_layers": 1}`` for a tiny ViT...).
-
-    Returns:
-        A ``keras.Model`` with output ``vertebrae`` and the inputs of ``get_spec(name).inputs``.
-
-    Example:
-        >>> model = build_model("resnet152v2", image_size=64)
-        >>> model.output_shape
-        (None, 7)
-    """
-    from keras_cspine.stage1.models.classifier import (
-        build_image_classifier,
-        build_multi_input_classifier,
-    )
-
-    spec = get_spec(name)
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < spec.min_size:
-        raise ValueError(f"{name} needs an integer image_size >= {spec.min_size}, got {image_size!r}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if weights is not None and not isinstance(weights, str | os.PathLike):
-        raise TypeError(f"weights must be None, 'imagenet' or a path, got {weights!r}")
-    model_weights = None
-    if weights is not None:
-        weights = os.fspath(weights)
-        if weights.endswith(".weights.h5"):
-            if not Path(weights).is_file():
-                raise WeightsNotFoundError(f"{weights}: weights file not found")
-            model_weights, weights = weights, None
-    freeze = spec.default_freeze if freeze is None else freeze
-    if freeze == "backbone":
-        freeze = "all"
-
-    if spec.inputs == "image+metadata":
-        model = build_multi_input_classifier(
-            backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,
-            weights=weights, **kwargs,
-        )  # fmt: skip
-    elif spec.inputs == "image":
-        kwargs.setdefault("name", name)
-        kwargs.setdefault("image_dense", spec.image_dense)
-        for key, value in spec.head.items():
-            kwargs.setdefault(key, value)
-        kwargs.setdefault("rescaling", "none")  # each baseline backbone preprocesses itself
-        model = build_image_classifier(
-            backbone=name, image_size=image_size, num_classes=num_classes, freeze=freeze,
-            weights=weights, **kwargs,
-        )  # fmt: skip
-    else:
-        if weights is not None or freeze not in (None, "none"):
-            raise ValueError(f"{name}: only whole-model .weights.h5 files apply, got {weights!r}")
-        # no image backbone: a config's backbone settings (e.g. stage1_synthetic_small's
-        # narrow GCViT, kept when only model.name is overridden) do not apply to it
-        kwargs.pop("backbone_kwargs", None)
-        model = _build_metadata_only(image_size, num_classes, **kwargs)
-    if model_weights is not None:
-        model.load_weights(model_weights)
-    return model
-
-
-def frozen_random_problem(name: str, weights, freeze: str | None) -> str | None:
-    """Why training ``name`` with these ``weights`` and ``freeze`` would be pointless, or None.
-
-    Frozen layers keep their weights: frozen at their random initialisation they never learn
-    anything, so a run that freezes a backbone must load weights into it.
-    """
-    spec = get_spec(name)
-    freeze = spec.default_freeze if freeze is None else freeze
-    if spec.inputs == "metadata" or freeze in (None, "none") or weights is not None:
-        return None
-    if spec.weights:
-        how = (f"get its ImageNet weights with `keras-cspine weights fetch {spec.weights}` (or "
-               f"`keras-cspine weights add FILE`) and set model.weights=imagenet")  # fmt: skip
-    else:
-        how = "set model.weights to a weights file"
-    return (
-        f"model {name} freezes its backbone (freeze {freeze!r}) but model.weights is null: the "
-        f"frozen layers would keep their random initialisation and never learn. Either {how}, "
-        f"or train every layer with --set model.freeze=none"
-    )
-
-
-def count_parameters(model: keras.Model) -> dict[str, int]:
-    """Trainable and non-trainable parameter counts (as in Table 1 and ``model.summary()``)."""
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    frozen = int(sum(np.prod(w.shape) for w in model.non_trainable_weights))
-    return {"trainable": trainable, "non_trainable": frozen, "total": trainable + frozen}

@@ -27,14 +27,10 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from keras_cspine.stage1.models.gcvit import (
-    GCVIT_VARIANTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PixelNormalization,
-    _pair,
-    build_gcvit,
-)
+import keras_cspine.stage1.models.baselines  # noqa: F401 - registers the baselines
+from keras_cspine.stage1.models.gcvit import PixelNormalization, _pair
+from keras_cspine.stage1.models.gcvit_presets import GCVIT_VARIANTS, IMAGENET_MEAN, IMAGENET_STD
+from keras_cspine.stage1.models.registry import REGISTRY, ModelSpec, register_model
 
 #: Pixel normalisations applied inside the model to [0, 255] inputs.
 RESCALING = {
@@ -50,12 +46,10 @@ GCVIT_FREEZE_POINTS = ("none", "patch_embed", "levels_0", "levels_1", "levels_2"
 #: Prefix of the freeze spec "all_but_last:N" (fine-tune the backbone's last N layers).
 ALL_BUT_LAST = "all_but_last:"
 
-_BACKBONES: dict[str, Callable[..., keras.Model]] = {}
-
-
 def register_backbone(name: str, builder: Callable[..., keras.Model]) -> None:
     """Make ``backbone=name`` build an image-only backbone with
-    ``builder(image_size=(h, w), weights=weights, **backbone_kwargs) -> keras.Model``.
+    ``builder(image_size=(h, w), weights=weights, **backbone_kwargs) -> keras.Model``: a shortcut
+    for registering a ``ModelSpec(name, "image", ...)`` in the one model registry.
 
     The model must map ``(h, w, 3)`` images (already rescaled, see ``rescaling``) to a feature map
     ``(B, h', w', C)`` or a vector ``(B, C)``. Registered names are stored in configs as strings,
@@ -65,12 +59,13 @@ def register_backbone(name: str, builder: Callable[..., keras.Model]) -> None:
         raise ValueError(f"backbone name {name!r} must be a new, non-empty string")
     if not callable(builder):
         raise ValueError(f"builder for backbone {name!r} must be callable, got {builder!r}")
-    _BACKBONES[name] = builder
+    register_model(ModelSpec(name, "image", f"registered backbone {name}", backbone=builder,
+                             default_freeze="none"))  # fmt: skip
 
 
 def available_backbones() -> tuple[str, ...]:
-    """Backbone names accepted as strings (GCViT variants and registered ones)."""
-    return tuple(GCVIT_VARIANTS) + tuple(_BACKBONES)
+    """Backbone names accepted as strings: every registered model with an image backbone."""
+    return tuple(name for name, spec in REGISTRY.items() if spec.backbone is not None)
 
 
 def _build_backbone(backbone, image_size, weights, drop_path_rate, backbone_kwargs):
@@ -78,17 +73,16 @@ def _build_backbone(backbone, image_size, weights, drop_path_rate, backbone_kwar
         if weights is not None:
             raise ValueError("weights= applies to named backbones; load them into the model given")
         return backbone
-    if backbone in GCVIT_VARIANTS:
-        return build_gcvit(
-            backbone, image_size=image_size, include_top=False, pooling=None, weights=weights,
-            drop_path_rate=drop_path_rate, **backbone_kwargs,
+    spec = REGISTRY.get(backbone) if isinstance(backbone, str) else None
+    if spec is None or spec.backbone is None:
+        raise ValueError(
+            f"unknown backbone {backbone!r}; choose one of {available_backbones()} or pass a "
+            f"keras.Model"
         )
-    if backbone in _BACKBONES:
-        return _BACKBONES[backbone](image_size=image_size, weights=weights, **backbone_kwargs)
-    raise ValueError(
-        f"unknown backbone {backbone!r}; choose one of {available_backbones()} or pass a "
-        f"keras.Model"
-    )
+    kwargs = dict(backbone_kwargs)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    return spec.backbone(image_size=image_size, weights=weights, **kwargs)
 
 
 def freeze_backbone(backbone: keras.Model, freeze: str | None) -> tuple[str, ...]:

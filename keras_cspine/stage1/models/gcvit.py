@@ -42,23 +42,9 @@ import keras
 import numpy as np
 from keras import ops
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: Architecture settings of the published variants (timm ``gcvit_*`` / NVlabs GCViT).
-GCVIT_VARIANTS: dict[str, dict] = {
-    "gcvit_xxtiny": dict(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.0),
-    "gcvit_xtiny": dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0),
-    "gcvit_tiny": dict(embed_dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0),
-    "gcvit_small": dict(
-        embed_dim=96, depths=(3, 4, 19, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0,
-        layer_scale=1e-5,
-    ),
-    "gcvit_base": dict(
-        embed_dim=128, depths=(3, 4, 19, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0,
-        layer_scale=1e-5,
-    ),
-}
+from keras_cspine.stage1.models.gcvit_presets import GCVIT_VARIANTS, IMAGENET_MEAN, IMAGENET_STD
+from keras_cspine.stage1.models.registry import PAPER_PARAMETERS, ModelSpec, register_model
+from keras_cspine.stage1.models.weights import load_gcvit_weights
 
 LAYER_NORM_EPSILON = 1e-5
 _PACKAGE = "keras_cspine"
@@ -835,8 +821,6 @@ class GCViT(keras.Model):
         self.geometry = geometry
 
         if weights is not None:
-            from keras_cspine.stage1.models.weights import load_gcvit_weights
-
             load_gcvit_weights(self, weights, variant=variant)
 
     @property
@@ -919,3 +903,29 @@ def gcvit_base(**kwargs) -> GCViT:
     """GCViT-base: dim 128, depths (3, 4, 19, 5), heads (4, 8, 16, 32), MLP ratio 2, layer
     scale 1e-5 (90.3M)."""
     return build_gcvit("gcvit_base", **kwargs)
+
+
+def _gcvit_backbone(variant: str):
+    """The registry's builder of a GCViT variant: 0-255 images (normalised by the classifier) ->
+    the feature map of its last level, without ImageNet head."""
+
+    def build(image_size, weights=None, drop_path_rate: float = 0.0, **kwargs) -> GCViT:
+        return build_gcvit(variant, image_size=image_size, include_top=False, pooling=None,
+                           weights=weights, drop_path_rate=drop_path_rate, **kwargs)  # fmt: skip
+
+    return build
+
+
+register_model(ModelSpec(
+    "gcvit_tiny", "image+metadata", "GCViT-tiny + metadata, the paper's model",
+    paper="Proposed (GCViT)", backbone=_gcvit_backbone("gcvit_tiny"), default_freeze="levels_2",
+    paper_parameters=PAPER_PARAMETERS["Proposed (GCViT)"], weights="gcvit_tiny",
+))  # fmt: skip
+register_model(ModelSpec("gcvit_xtiny", "image+metadata", "GCViT-xtiny + metadata",
+                         backbone=_gcvit_backbone("gcvit_xtiny"), default_freeze="none"))  # fmt: skip
+register_model(ModelSpec("gcvit_xxtiny", "image+metadata",
+                         "GCViT-xxtiny + metadata (small, for CPU runs)",
+                         backbone=_gcvit_backbone("gcvit_xxtiny"), default_freeze="none"))  # fmt: skip
+for _variant in ("gcvit_small", "gcvit_base"):
+    register_model(ModelSpec(_variant, "image+metadata", f"{_variant} + metadata",
+                             backbone=_gcvit_backbone(_variant), default_freeze="none"))  # fmt: skip

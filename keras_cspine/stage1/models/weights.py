@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_cspine.errors import CSpineDataError
+from keras_cspine.stage1.models.gcvit_presets import GCVIT_VARIANTS, TIMM_RELEASE_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,6 @@ LICENSE_NOTICE = (
     "(https://creativecommons.org/licenses/by-nc-sa/4.0/): non-commercial use, share alike; "
     "models fine-tuned from them inherit these terms"
 )
-
-#: File names of timm's original release of each variant (github.com/rwightman/pytorch-image-models
-#: releases, tag v0.1-weights-morevit).
-TIMM_RELEASE_FILES = {
-    "gcvit_xxtiny": "gcvit_xxtiny_224_nvidia-d1d86009.pth",
-    "gcvit_xtiny": "gcvit_xtiny_224_nvidia-274b92b7.pth",
-    "gcvit_tiny": "gcvit_tiny_224_nvidia-ac783954.pth",
-    "gcvit_small": "gcvit_small_224_nvidia-4e98afa2.pth",
-    "gcvit_base": "gcvit_base_224_nvidia-f009139b.pth",
-}
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -366,8 +357,6 @@ def port_timm_state_dict(model, state_dict: dict[str, np.ndarray], source="<stat
 
 
 def _infer_variant(model) -> str | None:
-    from keras_cspine.stage1.models.gcvit import GCVIT_VARIANTS
-
     if getattr(model, "variant", None):
         return model.variant
     for name, cfg in GCVIT_VARIANTS.items():

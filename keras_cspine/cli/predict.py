@@ -1,0 +1,105 @@
+"""``python -m keras_cspine predict INPUT --out OUT``: two-stage inference from the command line
+(:func:`keras_cspine.pipeline.predict.predict`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from keras_cspine.pipeline.config import PredictConfig
+from keras_cspine.pipeline.predict import predict
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m keras_cspine predict``."""
+    parser.add_argument("input", help="a study folder of .dcm slices, a folder of studies "
+                        "(RSNA test_images) or an RSNA dataset root")  # fmt: skip
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--stage1", help="stage 1 run directory or .keras (default: newest in "
+                        "--runs)")  # fmt: skip
+    parser.add_argument("--stage2", help="stage 2 run directory, .onnx or .pt (default: newest "
+                        "in --runs)")  # fmt: skip
+    parser.add_argument("--runs", default="runs", help="where default models are looked for")
+    parser.add_argument("--config", help="a PredictConfig YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a setting (repeatable)")  # fmt: skip
+    parser.add_argument("--no-gating", action="store_true",
+                        help="run stage 2 on every slice, not only where stage 1 sees C1-C7")  # fmt: skip
+    parser.add_argument("--no-sequence-model", action="store_true",
+                        help="do not use the stage 1 run's sequence model (then its level "
+                        "decoder, if any, reads the study)")  # fmt: skip
+    parser.add_argument("--no-level-decoding", action="store_true",
+                        help="do not use the stage 1 run's level decoder; with "
+                        "--no-sequence-model: the per-slice probabilities (the paper)")  # fmt: skip
+    parser.add_argument("--report", choices=["html", "markdown", "none"],
+                        help="per-study report format (default html)")  # fmt: skip
+    parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
+    parser.add_argument("--limit", type=int, help="at most this many studies")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> PredictConfig:
+    """The :class:`PredictConfig` of parsed ``predict`` arguments: ``--config`` and ``--set``,
+    then the switches (``--no-gating``, ``--no-sequence-model``...)."""
+    from keras_cspine.config import load_config
+
+    config = load_config(PredictConfig, args.config, args.overrides)
+    changes: dict[str, Any] = {}
+    if args.no_gating:
+        changes["gating"] = False
+    if args.no_sequence_model:
+        changes["sequence_model"] = False
+    if args.no_level_decoding:
+        changes["level_decoding"] = False
+    if args.report:
+        changes["report"] = args.report
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``predict`` from parsed arguments; 0 when every study was read, 1 otherwise."""
+    config = config_from_args(args)
+    summary = predict(args.input, args.out, stage1=args.stage1, stage2=args.stage2,
+                      runs=args.runs, config=config, labels=args.labels, limit=args.limit,
+                      progress=not args.quiet)  # fmt: skip
+    print(summary_text(summary))
+    return 0 if summary["n_failed"] == 0 else 1
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+    """A few lines saying what :func:`predict` did and where its outputs are."""
+    seconds = summary["seconds"]
+    lines = [
+        f"[predict] {summary['n_ok']}/{summary['n_studies']} studies, {summary['n_slices']} "
+        f"slices, stage 2 on {summary['n_gated']} ({(summary['gated_fraction'] or 0):.0%})",
+        "[predict] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()),
+        f"[predict] submission: {summary['files']['submission']}",
+    ]
+    if "index" in summary["files"]:
+        lines.append(f"[predict] reports: {summary['files']['index']}")
+    for error in summary["errors"]:
+        lines.append(f"[predict] FAILED {error['StudyInstanceUID']}: {error['problem']}")
+    if "evaluation" in summary:
+        ev = summary["evaluation"]
+        auc = ev["mean_vertebra_auc"]
+        lines.append(
+            f"[predict] RSNA weighted log loss {ev['rsna_weighted_log_loss']:.4f}, mean vertebra "
+            f"AUC {'n/a' if auc is None else f'{auc:.3f}'}, patient AUC "
+            f"{'n/a' if ev['patient_auc'] is None else format(ev['patient_auc'], '.3f')} "
+            f"({ev['n_studies']} studies)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keras_cspine.pipeline.predict INPUT --out OUT``."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine.pipeline.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Stage 1 at inference (Section 2.5): a trained run's classifier on a study's slices, with the
+run's own preprocessing, sequence model and level decoder (:class:`Stage1Model`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_cspine.errors import CSpineDataError
+from keras_cspine.io.rsna import VERTEBRAE
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise CSpineDataError(path, f"cannot read: {err}") from err
+    return data if isinstance(data, dict) else {}
+
+
+def _stage1_settings(run_dir: Path | None) -> dict[str, Any]:
+    """Preprocessing of a training run: mode and render size (prepare), metadata columns."""
+    settings: dict[str, Any] = {}
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return settings
+    config = _read_yaml(run_dir / "config.yaml")
+    data = config.get("data") or {}
+    if data.get("metadata_columns"):
+        settings["metadata_columns"] = tuple(data["metadata_columns"])
+    settings["mode"] = data.get("prepare_mode")  # used only when prepare.json is gone
+    splits = run_dir / "splits.json"
+    if splits.is_file():
+        prepared = json.loads(splits.read_text(encoding="utf-8")).get("prepared")
+        prepare_json = Path(prepared) / "prepare.json" if prepared else None
+        if prepare_json is not None and prepare_json.is_file():
+            prep = json.loads(prepare_json.read_text(encoding="utf-8")).get("settings", {})
+            settings["mode"] = prep.get("mode", settings["mode"])
+            settings["render_size"] = prep.get("size")
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+class Stage1Model:
+    """The stage 1 vertebrae classifier with the preprocessing it was trained with.
+
+    Args:
+        model: a loaded ``keras.Model`` (inputs ``image`` and/or ``metadata``, 7 sigmoids).
+        mode: ``keras_cspine.data.preprocess`` mode of the training images.
+        render_size: side at which slices were rendered (the prepare size); the model's own
+            input size when None. Images are then resampled to the model's input size, exactly
+            as ``CSpineSequence`` does.
+        metadata_columns: features of the ``metadata`` input (``position_mm``, ``slice_ratio``
+            or ``z_mm``), scaled as in ``keras_cspine.stage1.dataset.METADATA_SCALE``.
+        source: where the model came from (for logs).
+    """
+
+    def __init__(self, model, mode: str = "bone", render_size: int | None = None,
+                 metadata_columns: Sequence[str] = ("position_mm", "slice_ratio"),
+                 source: str = "<in memory>", level_decoder=None,
+                 sequence_model=None):  # fmt: skip
+        from keras_cspine.data.preprocess import MODES, WINDOW_MODES
+
+        if mode not in (*MODES, *WINDOW_MODES):
+            raise ValueError(f"mode must be one of {sorted({*MODES, *WINDOW_MODES})}, got {mode!r}")
+        self.model = model
+        inputs = model.input if isinstance(model.input, dict) else {"image": model.input}
+        self.input_names = tuple(inputs)
+        unknown = set(self.input_names) - {"image", "metadata"}
+        if unknown:
+            raise ValueError(f"stage 1 model has unknown inputs {sorted(unknown)}")
+        self.image_size = int(inputs["image"].shape[1]) if "image" in inputs else None
+        self.render_size = int(render_size or self.image_size or 0) or None
+        self.mode = mode
+        self.metadata_columns = tuple(metadata_columns)
+        if "metadata" in inputs and inputs["metadata"].shape[-1] != len(self.metadata_columns):
+            raise ValueError(
+                f"stage 1 model takes {inputs['metadata'].shape[-1]} metadata features, but "
+                f"{len(self.metadata_columns)} columns are configured: {self.metadata_columns}"
+            )
+        self.source = source
+        self.level_decoder = level_decoder
+        self.sequence_model = sequence_model
+        self._feature_model = None
+        if sequence_model is not None:
+            from keras_cspine.stage1.sequence_model import feature_model
+
+            self._feature_model = feature_model(model)
+            got = int(self._feature_model.outputs[0].shape[-1])
+            wants = int(sequence_model.input["features"].shape[-1])
+            if got != wants:
+                raise ValueError(f"the sequence model reads {wants} slice features, but stage 1 "
+                                 f"model {source} gives {got}")  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mode: str | None = None,
+             render_size: int | None = None) -> Stage1Model:  # fmt: skip
+        """A training run directory (``model.keras`` + ``config.yaml``) or a ``.keras`` file.
+
+        The preprocessing comes from the run (its ``config.yaml`` and the ``prepare.json`` of
+        its data); ``mode`` / ``render_size`` override it (default ``bone`` at the model size).
+        The run's ``level_decoder.json`` and ``sequence_model.keras`` (written by ``train``),
+        when present beside the model, are loaded as :attr:`level_decoder` and
+        :attr:`sequence_model`.
+        """
+        import keras
+
+        import keras_cspine.stage1.models.factory  # noqa: F401 - registers every model, for loading
+        from keras_cspine.stage1.level_decoding import LEVEL_DECODER_FILE, LevelDecoder
+        from keras_cspine.stage1.sequence_model import SEQUENCE_MODEL_FILE, load_sequence_model
+
+        path = Path(path)
+        model_path = path / "model.keras" if path.is_dir() else path
+        if not model_path.is_file():
+            raise CSpineDataError(model_path, "stage 1 model not found (a run directory with "
+                                              "model.keras, or a .keras file)")  # fmt: skip
+        settings = _stage1_settings(model_path.parent)
+        try:
+            model = keras.saving.load_model(model_path)
+        except (ValueError, OSError, TypeError) as err:
+            raise CSpineDataError(model_path, f"not a loadable Keras model: {err}") from err
+        decoder_path = model_path.parent / LEVEL_DECODER_FILE
+        sequence_path = model_path.parent / SEQUENCE_MODEL_FILE
+        return cls(
+            model, mode=mode or settings.get("mode", "bone"),
+            render_size=render_size or settings.get("render_size"),
+            metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
+            source=str(model_path),
+            level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
+            sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
+                            else None),
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, for logs and JSON."""
+        return {
+            "source": self.source, "inputs": list(self.input_names), "mode": self.mode,
+            "render_size": self.render_size, "image_size": self.image_size,
+            "metadata_columns": list(self.metadata_columns),
+            "level_decoder": self.level_decoder is not None,
+            "sequence_model": self.sequence_model is not None,
+        }  # fmt: skip
+
+    def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
+        """``(Z, F)`` metadata of a series, as ``prepare`` indexes it and ``CSpineSequence``
+        scales it: ``position_mm`` below the first slice, ``slice_ratio``, ``z_mm``."""
+        from keras_cspine.stage1.dataset import METADATA_SCALE
+
+        n = len(positions_mm)
+        columns = {
+            "position_mm": positions_mm[0] - positions_mm,
+            "slice_ratio": np.arange(n) / (n - 1) if n > 1 else np.zeros(1),
+            "z_mm": np.asarray(z_mm, dtype=np.float64),
+        }
+        unknown = [c for c in self.metadata_columns if c not in columns]
+        if unknown:
+            raise ValueError(f"unsupported metadata column(s) {unknown}; known {sorted(columns)}")
+        out = np.stack([columns[c] * METADATA_SCALE.get(c, 1.0) for c in self.metadata_columns],
+                       axis=1) if self.metadata_columns else np.zeros((n, 0))  # fmt: skip
+        return out.astype(np.float32)
+
+    def images(self, hu: np.ndarray) -> np.ndarray:
+        """``(Z, S, S, 3)`` float32 model images of a HU volume (the training preprocessing)."""
+        from keras_cspine.data.preprocess import to_model_image
+        from keras_cspine.stage1.dataset import resample
+
+        out = np.empty((len(hu), self.image_size, self.image_size, 3), np.float32)
+        for i, slice_hu in enumerate(hu):
+            image = to_model_image(slice_hu, mode=self.mode, size=self.render_size)
+            out[i] = resample(image, self.image_size)
+        return out
+
+    def predict(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
+                batch_size: int = 32, return_features: bool = False):  # fmt: skip
+        """``(Z, 7)`` per-slice presence probabilities of C1..C7 for a HU volume in series order;
+        with ``return_features`` also the ``(Z, F)`` slice features of
+        :func:`keras_cspine.stage1.sequence_model.feature_model`."""
+        n = len(positions_mm)
+        metadata = self.metadata(np.asarray(positions_mm, np.float64), z_mm)
+        if return_features and self._feature_model is None:
+            from keras_cspine.stage1.sequence_model import feature_model
+
+            self._feature_model = feature_model(self.model)
+        out = np.empty((n, len(VERTEBRAE)), np.float32)
+        features = None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            batch: dict[str, np.ndarray] = {}
+            if "image" in self.input_names:
+                batch["image"] = self.images(hu[start:stop])
+            if "metadata" in self.input_names:
+                batch["metadata"] = metadata[start:stop]
+            if stop - start < batch_size and n > batch_size:  # keep one traced batch shape
+                pad = batch_size - (stop - start)
+                batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
+                         for k, v in batch.items()}  # fmt: skip
+            if return_features:
+                feats, scores = self._feature_model.predict_on_batch(batch)
+                if features is None:
+                    features = np.empty((n, feats.shape[-1]), np.float32)
+                features[start:stop] = np.asarray(feats)[: stop - start]
+            else:
+                scores = self.model.predict_on_batch(batch)
+            out[start:stop] = np.asarray(scores, dtype=np.float32)[: stop - start]
+        if not np.isfinite(out).all():
+            raise ValueError(f"stage 1 model {self.source} gave non-finite scores")
+        return (out, features) if return_features else out
+
+    def study_probabilities(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
+                            batch_size: int = 32, sequence_model: bool = True,
+                            level_decoding: bool = True) -> np.ndarray:  # fmt: skip
+        """``(Z, 7)`` probabilities of C1..C7 for a study in series order, read along the study:
+        by the run's sequence model when it has one (and ``sequence_model``), else by its level
+        decoder (when ``level_decoding``), else the per-slice probabilities (the paper)."""
+        positions_mm = np.asarray(positions_mm, np.float64)
+        if sequence_model and self.sequence_model is not None:
+            from keras_cspine.stage1.sequence_model import apply_sequence_model
+
+            _, features = self.predict(hu, positions_mm, z_mm, batch_size, return_features=True)
+            n = len(positions_mm)
+            return apply_sequence_model(self.sequence_model, features, np.zeros(n), np.arange(n))
+        probabilities = self.predict(hu, positions_mm, z_mm, batch_size)
+        if level_decoding and self.level_decoder is not None:
+            from keras_cspine.stage1.level_decoding import slice_spacing
+
+            probabilities = self.level_decoder.decode(
+                probabilities, slice_spacing(positions_mm)).astype(np.float32)  # fmt: skip
+        return probabilities
