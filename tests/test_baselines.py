@@ -29,7 +29,7 @@ def test_registry_covers_table1_and_text():
     assert rows == {"Proposed (GCViT)", "ViT", "ConvNeXt", "InceptionV3", "ResNet152V2", "Swin"}
     assert B.get_spec("gcvit_tiny").inputs == "image+metadata"
     assert B.get_spec("resnet152v2").inputs == "image"
-    with pytest.raises(ValueError, match="known: gcvit_tiny"):
+    with pytest.raises(ValueError, match="unknown model 'alexnet'; known: .*gcvit_tiny"):
         B.get_spec("alexnet")
 
 

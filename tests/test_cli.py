@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers_cli import run_cli
 
-from keras_cspine.__main__ import COMMANDS, _available
+from keras_cspine.cli import COMMANDS, _available
 
 AVAILABLE = [name for name, (module, _) in COMMANDS.items() if _available(module)]
 

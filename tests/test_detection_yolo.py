@@ -133,7 +133,7 @@ def test_detection_modules_import_neither_torch_nor_tensorflow():
     code = textwrap.dedent(
         """
         import sys
-        import keras_cspine.stage2, keras_cspine.stage2.cli, keras_cspine.stage2.table3
+        import keras_cspine.stage2, keras_cspine.cli.detect, keras_cspine.stage2.table3
         import keras_cspine.stage2.ultralytics_train, keras_cspine.stage2.offline
         import keras_cspine.stage2.onnx_predictor, keras_cspine.stage2.figures
         print(sorted(m for m in ("torch", "ultralytics", "tensorflow") if m in sys.modules))

@@ -110,7 +110,9 @@ def test_sequence_model_row_is_the_run_sequence_model_on_the_same_features(run_d
 
 
 def test_cli_prints_tables(run_dir, capsys):
-    assert E.main([str(run_dir), "--split", "val"]) == 0
+    from keras_cspine.cli.evaluate import main
+
+    assert main([str(run_dir), "--split", "val"]) == 0
     out = capsys.readouterr().out
     assert "| row | model | macro_f1 |" in out and "| C7 |" in out
     assert json.loads((run_dir / "metrics.json").read_text())["split"] == "val"
@@ -184,7 +186,7 @@ def test_predict_sequence_refuses_shuffled_data(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_table1_writes_and_reuses_rows(tmp_path, capsys):
-    from keras_cspine.paper.reproduce import main as reproduce_main
+    from keras_cspine.cli.reproduce import main as reproduce_main
 
     prepared = make_prepared(tmp_path / "prep", n_studies=5, n_slices=12, unlabelled=1)
     args = ["table1", "--data", str(prepared), "--out", str(tmp_path / "t1"),

@@ -138,7 +138,7 @@ def test_predict_config_rejects_bad_values(changes, fragment):
 def test_switches_of_the_command_line():
     import argparse
 
-    from keras_cspine.pipeline.predict import config_from_args, configure_parser
+    from keras_cspine.cli.predict import config_from_args, configure_parser
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
@@ -475,7 +475,8 @@ def test_sagittal_projection_follows_the_spine():
 def test_predict_end_to_end(models, study_folders, synthetic_data, tmp_path):
     import json
 
-    from keras_cspine.pipeline.predict import main, predict
+    from keras_cspine.cli.predict import main
+    from keras_cspine.pipeline.predict import predict
 
     root, uids, broken = study_folders
     out = tmp_path / "out"

@@ -11,6 +11,7 @@ from helpers_dicom import ct_dataset, phantom, save, write_series
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
+from keras_cspine.data import preprocess
 from keras_cspine.data.preprocess import (
     MODES,
     WINDOW_MODES,
@@ -25,7 +26,6 @@ from keras_cspine.data.preprocess import (
 )
 from keras_cspine.errors import DicomReadError
 from keras_cspine.io.dicom import read_slice
-from keras_cspine.stage1.dataset import preprocess
 
 
 def pydicom_file(name: str) -> str:

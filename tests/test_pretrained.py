@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from helpers_cli import run_cli
 
+from keras_cspine.cli.weights import main as weights_cli
 from keras_cspine.stage1.models import pretrained as P
 from keras_cspine.stage1.models.weights import WeightsFileError, imagenet_candidates
 
@@ -218,7 +219,7 @@ def test_keras_applications_entries_match_installed_keras():
 
 def test_baseline_registry_file_names_are_in_the_table():
     """The notop names baselines.py reads from the Keras cache are the table's names."""
-    source = (Path(P.__file__).parent / "models" / "baselines.py").read_text(encoding="utf-8")
+    source = (Path(P.__file__).parent / "baselines.py").read_text(encoding="utf-8")
     for e in P.ENTRIES:
         if e.cache == "keras" and e.name in source:
             assert e.file_name in source, e.name
@@ -379,7 +380,7 @@ def test_fetch_http_error(caches, server, monkeypatch):
 def test_fetch_unreachable_url_is_one_clear_cli_line(caches, monkeypatch, capsys):
     e = _add_entry(monkeypatch)
     url = f"http://127.0.0.1:{_free_port()}/tiny.bin"
-    assert P.main(["fetch", e.name, "--url", url, "--quiet"]) == 1
+    assert weights_cli(["fetch", e.name, "--url", url, "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: {url}: download failed: connection")
@@ -407,7 +408,7 @@ def test_fetch_unpinned_safetensors_checks_structure_and_prints_sha256(
     url = server("/model.safetensors", body)
     e = _add_entry(monkeypatch, file_name="tiny.safetensors", url=url, hash=None,
                    tensors=tuple(TINY_TENSORS.items()), n_values=20)  # fmt: skip
-    assert P.main(["fetch", e.name, "--quiet"]) == 0
+    assert weights_cli(["fetch", e.name, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"sha256 {hashlib.sha256(body).hexdigest()}" in out
     assert "not pinned" in out
@@ -463,7 +464,7 @@ def test_add_wrong_hash_writes_nothing(caches, monkeypatch, tmp_path, capsys):
     e = _add_entry(monkeypatch)
     source = tmp_path / "download.bin"
     source.write_bytes(PAYLOAD + b"x")
-    assert P.main(["add", str(source), "--name", e.name]) == 1
+    assert weights_cli(["add", str(source), "--name", e.name]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: {source}: sha256 mismatch")
@@ -485,7 +486,7 @@ def test_add_identifies_safetensors_by_structure(caches, monkeypatch, tmp_path, 
                    tensors=tuple(TINY_TENSORS.items()), n_values=20)  # fmt: skip
     source = tmp_path / "model.safetensors"
     source.write_bytes(_safetensors(TINY_TENSORS))
-    assert P.main(["add", str(source)]) == 0
+    assert weights_cli(["add", str(source)]) == 0
     assert f"{e.name}: {source} -> {caches['cspine'] / e.file_name}" in capsys.readouterr().out
 
 
@@ -499,8 +500,8 @@ def test_list_add_and_require_open_no_connection(caches, monkeypatch, tmp_path, 
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert P.main(["add", str(source), "--name", e.name]) == 0
-    assert P.main(["list"]) == 0
+    assert weights_cli(["add", str(source), "--name", e.name]) == 0
+    assert weights_cli(["list"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("tiny_test "))
     assert "present, sha256 ok" in row and str(caches["cspine"] / e.file_name) in row
@@ -584,7 +585,7 @@ def test_cli_list_shows_absent_and_bad_files(tmp_path):
 
 
 def test_weights_command_imports_no_tensorflow():
-    code = ("import sys; from keras_cspine.__main__ import main; main(['weights', 'list', "
+    code = ("import sys; from keras_cspine.cli import main; main(['weights', 'list', "
             "'--no-hash']); heavy = [m for m in ('tensorflow', 'keras', 'torch') "
             "if m in sys.modules]; sys.exit(1 if heavy else 0)")  # fmt: skip
     env = {**os.environ, "KERAS_HOME": "/nonexistent/keras", "KERAS_CSPINE_WEIGHTS": "/nonexistent"}

@@ -3,7 +3,8 @@
 import h5py
 import pytest
 
-from keras_cspine.paper.reproduce import format_plan, main, table1_plan
+from keras_cspine.cli.reproduce import main
+from keras_cspine.paper.reproduce import format_plan, table1_plan
 
 
 @pytest.fixture

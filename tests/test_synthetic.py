@@ -15,9 +15,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from keras_cspine.cli.synth import main
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.synthetic.anatomy import VERTEBRA_SHAPES
-from keras_cspine.synthetic.dataset import (
+from keras_cspine.synthetic.anatomy import TISSUES, VERTEBRA_SHAPES
+from keras_cspine.synthetic.dataset import generate_dataset, generate_study
+from keras_cspine.synthetic.dicom_writer import _SliceWriter
+from keras_cspine.synthetic.study import (
     BOX_MARGIN_MM,
     DISPLACED,
     GAP_MM,
@@ -28,12 +31,7 @@ from keras_cspine.synthetic.dataset import (
     MIN_GAP_PIXELS,
     MIN_VISIBLE_MM2,
     SHIFT_MM,
-    TISSUES,
     VERTEBRAE,
-    _SliceWriter,
-    generate_dataset,
-    generate_study,
-    main,
     merge_slice_boxes,
     render_study,
     sample_study,

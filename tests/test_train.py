@@ -7,6 +7,7 @@ import pytest
 import yaml
 from helpers_stage1 import make_prepared
 
+from keras_cspine.cli.train import main
 from keras_cspine.config import dump_config
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.stage1.train import (
@@ -15,7 +16,6 @@ from keras_cspine.stage1.train import (
     build_training_state,
     history_from_log,
     load_stage1_config,
-    main,
     train_stage1,
 )
 

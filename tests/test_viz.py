@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
-from keras_cspine.__main__ import main as cli
+from keras_cspine.cli import main as cli
 from keras_cspine.errors import CsvSchemaError
 from keras_cspine.viz import (
     FIGURE3_TITLE,

@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from keras_cspine.stage1.models import pretrained
 from keras_cspine.stage1.models.pretrained import (
-    ENTRIES,
     WeightsEntry,
     _add,
     _fetch,
@@ -40,7 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _list_rows(verify_hash: bool) -> list[tuple[str, ...]]:
     rows = [("NAME", "STATUS", "MODELS (CONFIGS)", "LICENCE", "PATH")]
-    for e in ENTRIES:
+    for e in pretrained.ENTRIES:  # looked up on each call (tests add entries)
         state, path = status(e, verify_hash=verify_hash)
         configs = configs_for(e)
         used = ", ".join(e.models) + (f" ({', '.join(configs)})" if configs else "")

@@ -111,8 +111,9 @@ class Stage1Model:
         import keras
 
         import keras_cspine.stage1.models.factory  # noqa: F401 - registers every model, for loading
-        from keras_cspine.stage1.level_decoding import LEVEL_DECODER_FILE, LevelDecoder
-        from keras_cspine.stage1.sequence_model import SEQUENCE_MODEL_FILE, load_sequence_model
+        from keras_cspine.stage1.level_decoding import LevelDecoder
+        from keras_cspine.stage1.runs import LEVEL_DECODER_FILE, SEQUENCE_MODEL_FILE
+        from keras_cspine.stage1.sequence_model import load_sequence_model
 
         path = Path(path)
         model_path = path / "model.keras" if path.is_dir() else path
