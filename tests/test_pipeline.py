@@ -308,12 +308,13 @@ def test_evaluation_skips_unlabelled_and_requires_rows(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Models and the whole command
 # --------------------------------------------------------------------------------------------
-def test_stage1_settings_come_from_the_training_run(models, tmp_path):
+def test_stage1_settings_come_from_the_run_folder_alone(models, tmp_path):
     import json
 
     from keras_cspine.config import save_config
-    from keras_cspine.pipeline.predict import Stage1Model
-    from keras_cspine.stage1.train import DataConfig, Stage1Config
+    from keras_cspine.stage1 import runs
+    from keras_cspine.stage1.config import DataConfig, Stage1Config
+    from keras_cspine.stage1.inference import Stage1Model
 
     run_dir, prepared = tmp_path / "run", tmp_path / "prep"
     run_dir.mkdir()
@@ -323,13 +324,68 @@ def test_stage1_settings_come_from_the_training_run(models, tmp_path):
                                              prepare_mode="bone")), run_dir / "config.yaml")  # fmt: skip
     (run_dir / "splits.json").write_text(json.dumps({"train": [], "prepared": str(prepared)}))
     (prepared / "prepare.json").write_text(json.dumps({"settings": {"mode": "paper", "size": 48}}))
-    stage1 = Stage1Model.load(run_dir)
+    # a run of an older keras_cspine (no preprocessing.json): read through its data, with a warning
+    with pytest.warns(UserWarning, match="no preprocessing.json"):
+        stage1 = Stage1Model.load(run_dir)
     assert (stage1.mode, stage1.render_size, stage1.image_size) == ("paper", 48, 32)
-    assert stage1.metadata_columns == ("position_mm", "slice_ratio")
+    shutil.rmtree(prepared)  # ... and once its data is gone, it cannot say: an error, not a guess
+    with pytest.raises(CSpineDataError, match="no preprocessing.json and its training data"):
+        Stage1Model.load(run_dir)
+    # the run's own record: nothing else is read
+    runs.write_preprocessing(run_dir, mode="multiwindow", render_size=40, image_size=32,
+                             metadata_columns=("slice_ratio", "position_mm"),
+                             metadata_scale={"position_mm": 0.02})  # fmt: skip
+    stage1 = Stage1Model.load(run_dir)
+    assert (stage1.mode, stage1.render_size, stage1.image_size) == ("multiwindow", 40, 32)
+    assert stage1.metadata_columns == ("slice_ratio", "position_mm")
+    meta = stage1.metadata(np.array([10.0, 9.0, 8.0]), np.zeros(3))
+    np.testing.assert_allclose(meta[:, 1], [0.0, 0.02, 0.04])  # the recorded scale
+    runs.write_preprocessing(run_dir, mode="bone", render_size=64, image_size=64,
+                             metadata_columns=("position_mm", "slice_ratio"), metadata_scale={})  # fmt: skip
+    with pytest.raises(CSpineDataError, match="takes 32 px images but its run recorded 64 px"):
+        Stage1Model.load(run_dir)
+    (run_dir / "preprocessing.json").write_text("{not json")
+    with pytest.raises(CSpineDataError, match="preprocessing.json: unreadable"):
+        Stage1Model.load(run_dir)
     assert Stage1Model.load(models[0]).describe()["mode"] == "bone"  # bare file: defaults
-    assert stage1.level_decoder is None  # a run without level_decoder.json
     with pytest.raises(CSpineDataError, match="stage 1 model not found"):
         Stage1Model.load(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_a_copied_run_predicts_the_same_without_its_data(synthetic_data, tmp_path, monkeypatch):
+    """Trained on slices prepared at 48 px for a 32 px model; copied to another folder, its
+    prepared data deleted, loaded from another working directory: the same probabilities."""
+    from keras_cspine.data.prepare import prepare_dataset
+    from keras_cspine.io.dicom import read_series
+    from keras_cspine.stage1.inference import Stage1Model
+    from keras_cspine.stage1.train import load_stage1_config, train_stage1
+
+    monkeypatch.chdir(tmp_path)
+    prepare_dataset(synthetic_data, "prep48", size=48, mode="multiwindow", workers=1,
+                    progress=False)  # a relative path, as a user types it  # fmt: skip
+    config = load_stage1_config("stage1_synthetic_small", [
+        "data.image_size=32", "train.epochs=1", "train.batch_size=8", "train.evaluate=false",
+        "sequence.enabled=false", "data.val_fraction=0.25", "data.test_fraction=0.0",
+        "model.options={backbone_kwargs: {embed_dim: 8, depths: [1, 1, 1, 1], "
+        "num_heads: [1, 1, 1, 1], window_size: [4, 2, 1, 1]}}",
+    ])  # fmt: skip
+    train_stage1(config, "prep48", "run", verbose=0)
+    uid = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[0]
+    hu, meta = read_series(synthetic_data / "train_images" / uid)
+    z = np.array([s.image_position[2] for s in meta.slices])
+    before = Stage1Model.load("run")
+    assert (before.mode, before.render_size, before.image_size) == ("multiwindow", 48, 32)
+    expected = before.predict(hu, np.asarray(meta.positions_mm), z)
+
+    shutil.copytree(tmp_path / "run", tmp_path / "elsewhere" / "copied")
+    shutil.rmtree(tmp_path / "prep48")
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    after = Stage1Model.load(tmp_path / "elsewhere" / "copied")
+    assert after.describe() | {"source": None} == before.describe() | {"source": None}
+    np.testing.assert_allclose(after.predict(hu, np.asarray(meta.positions_mm), z), expected,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_stage2_looks_at_the_spine_window_of_its_export(models, synthetic_data, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,49 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _stage1_settings(run_dir: Path | None) -> dict[str, Any]:
-    """Preprocessing of a training run: mode and render size (prepare), metadata columns."""
-    settings: dict[str, Any] = {}
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return settings
-    config = _read_yaml(run_dir / "config.yaml")
+def _stage1_settings(run_dir: Path) -> dict[str, Any]:
+    """The preprocessing of a training run, from the run folder alone.
+
+    ``preprocessing.json`` (:func:`keras_cspine.stage1.runs.write_preprocessing`) says it all.
+    Runs trained before that file existed are read as before (``config.yaml``, then the
+    ``prepare.json`` of their training data) with a warning; when that data is gone too, the
+    run cannot say how its slices were made and loading it is an error naming the run.
+    """
+    from keras_cspine.stage1 import runs
+
+    recorded = runs.read_preprocessing(run_dir)
+    if recorded is not None:
+        return {
+            "mode": recorded["mode"], "render_size": int(recorded["render_size"]),
+            "image_size": int(recorded["image_size"]),
+            "metadata_columns": tuple(recorded["metadata_columns"]),
+            "metadata_scale": dict(recorded.get("metadata_scale") or {}),
+        }  # fmt: skip
+    if not (run_dir / runs.CONFIG_FILE).is_file():  # a bare .keras file, not a run
+        return {}
+    config = _read_yaml(run_dir / runs.CONFIG_FILE)
     data = config.get("data") or {}
+    settings: dict[str, Any] = {}
     if data.get("metadata_columns"):
         settings["metadata_columns"] = tuple(data["metadata_columns"])
-    settings["mode"] = data.get("prepare_mode")  # used only when prepare.json is gone
-    splits = run_dir / "splits.json"
-    if splits.is_file():
-        prepared = json.loads(splits.read_text(encoding="utf-8")).get("prepared")
-        prepare_json = Path(prepared) / "prepare.json" if prepared else None
-        if prepare_json is not None and prepare_json.is_file():
-            prep = json.loads(prepare_json.read_text(encoding="utf-8")).get("settings", {})
-            settings["mode"] = prep.get("mode", settings["mode"])
-            settings["render_size"] = prep.get("size")
+    splits = run_dir / runs.SPLITS_FILE
+    prepared = json.loads(splits.read_text(encoding="utf-8")).get("prepared") if (
+        splits.is_file()) else None  # fmt: skip
+    prepare_json = Path(prepared) / "prepare.json" if prepared else None
+    if prepare_json is None or not prepare_json.is_file():
+        raise CSpineDataError(
+            run_dir, f"the run has no {runs.PREPROCESSING_FILE} and its training data "
+            f"({prepared or 'unknown'}) is gone, so how its slices were rendered is unknown; "
+            f"pass mode= and render_size= to Stage1Model.load, or retrain",
+        )  # fmt: skip
+    prep = json.loads(prepare_json.read_text(encoding="utf-8")).get("settings", {})
+    warnings.warn(
+        f"{run_dir}: no {runs.PREPROCESSING_FILE} (a run trained by an older keras_cspine); "
+        f"its preprocessing is read from {prepare_json}, which a copy of the run will lack",
+        UserWarning, stacklevel=3,
+    )  # fmt: skip
+    settings["mode"] = prep.get("mode", data.get("prepare_mode"))
+    settings["render_size"] = prep.get("size")
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -58,12 +84,14 @@ class Stage1Model:
         metadata_columns: features of the ``metadata`` input (``position_mm``, ``slice_ratio``
             or ``z_mm``), scaled as in ``keras_cspine.stage1.dataset.METADATA_SCALE``.
         source: where the model came from (for logs).
+        metadata_scale: the factor of each metadata column (default
+            ``keras_cspine.stage1.dataset.METADATA_SCALE``; a run records its own).
     """
 
     def __init__(self, model, mode: str = "bone", render_size: int | None = None,
                  metadata_columns: Sequence[str] = ("position_mm", "slice_ratio"),
                  source: str = "<in memory>", level_decoder=None,
-                 sequence_model=None):  # fmt: skip
+                 sequence_model=None, metadata_scale: Mapping[str, float] | None = None):  # fmt: skip
         from keras_cspine.data.preprocess import MODES, WINDOW_MODES
 
         if mode not in (*MODES, *WINDOW_MODES):
@@ -78,6 +106,11 @@ class Stage1Model:
         self.render_size = int(render_size or self.image_size or 0) or None
         self.mode = mode
         self.metadata_columns = tuple(metadata_columns)
+        if metadata_scale is None:
+            from keras_cspine.stage1.dataset import METADATA_SCALE
+
+            metadata_scale = METADATA_SCALE
+        self.metadata_scale = {c: float(metadata_scale.get(c, 1.0)) for c in self.metadata_columns}
         if "metadata" in inputs and inputs["metadata"].shape[-1] != len(self.metadata_columns):
             raise ValueError(
                 f"stage 1 model takes {inputs['metadata'].shape[-1]} metadata features, but "
@@ -102,8 +135,9 @@ class Stage1Model:
              render_size: int | None = None) -> Stage1Model:  # fmt: skip
         """A training run directory (``model.keras`` + ``config.yaml``) or a ``.keras`` file.
 
-        The preprocessing comes from the run (its ``config.yaml`` and the ``prepare.json`` of
-        its data); ``mode`` / ``render_size`` override it (default ``bone`` at the model size).
+        The preprocessing comes from the run folder alone (its ``preprocessing.json``);
+        ``mode`` / ``render_size`` override it. A bare ``.keras`` file outside a run takes
+        ``bone`` at the model's input size unless they are given.
         The run's ``level_decoder.json`` and ``sequence_model.keras`` (written by ``train``),
         when present beside the model, are loaded as :attr:`level_decoder` and
         :attr:`sequence_model`.
@@ -120,18 +154,24 @@ class Stage1Model:
         if not model_path.is_file():
             raise CSpineDataError(model_path, "stage 1 model not found (a run directory with "
                                               "model.keras, or a .keras file)")  # fmt: skip
-        settings = _stage1_settings(model_path.parent)
+        settings = {} if mode and render_size else _stage1_settings(model_path.parent)
         try:
             model = keras.saving.load_model(model_path)
         except (ValueError, OSError, TypeError) as err:
             raise CSpineDataError(model_path, f"not a loadable Keras model: {err}") from err
+        recorded_size = settings.get("image_size")
+        inputs = model.input if isinstance(model.input, dict) else {"image": model.input}
+        if recorded_size and "image" in inputs and int(inputs["image"].shape[1]) != recorded_size:
+            raise CSpineDataError(model_path, f"takes {inputs['image'].shape[1]} px images but its "
+                                  f"run recorded {recorded_size} px: the model was replaced "
+                                  f"after training")  # fmt: skip
         decoder_path = model_path.parent / LEVEL_DECODER_FILE
         sequence_path = model_path.parent / SEQUENCE_MODEL_FILE
         return cls(
             model, mode=mode or settings.get("mode", "bone"),
             render_size=render_size or settings.get("render_size"),
             metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
-            source=str(model_path),
+            metadata_scale=settings.get("metadata_scale"), source=str(model_path),
             level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
             sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
                             else None),
@@ -150,8 +190,6 @@ class Stage1Model:
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
         """``(Z, F)`` metadata of a series, as ``prepare`` indexes it and ``CSpineSequence``
         scales it: ``position_mm`` below the first slice, ``slice_ratio``, ``z_mm``."""
-        from keras_cspine.stage1.dataset import METADATA_SCALE
-
         n = len(positions_mm)
         columns = {
             "position_mm": positions_mm[0] - positions_mm,
@@ -161,7 +199,7 @@ class Stage1Model:
         unknown = [c for c in self.metadata_columns if c not in columns]
         if unknown:
             raise ValueError(f"unsupported metadata column(s) {unknown}; known {sorted(columns)}")
-        out = np.stack([columns[c] * METADATA_SCALE.get(c, 1.0) for c in self.metadata_columns],
+        out = np.stack([columns[c] * self.metadata_scale[c] for c in self.metadata_columns],
                        axis=1) if self.metadata_columns else np.zeros((n, 0))  # fmt: skip
         return out.astype(np.float32)
 

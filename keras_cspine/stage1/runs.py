@@ -25,10 +25,15 @@ file                       what it holds
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from keras_cspine.errors import CSpineDataError
+from keras_cspine.utils import write_json
 
 CONFIG_FILE = "config.yaml"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -89,3 +94,57 @@ def history_from_log(log_path: str | os.PathLike) -> dict[str, list[float]]:
     epochs = sorted(by_epoch)
     keys = sorted({k for row in by_epoch.values() for k in row})
     return {k: [by_epoch[e].get(k, math.nan) for e in epochs] for k in keys}
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing.json: how the run's slices became model inputs
+# --------------------------------------------------------------------------------------------
+PREPROCESSING_FORMAT = 1
+
+
+def write_preprocessing(run_dir: str | os.PathLike, *, mode: str, render_size: int,
+                        image_size: int, metadata_columns: Sequence[str],
+                        metadata_scale: Mapping[str, float], source: str | None = None) -> Path:  # fmt: skip
+    """Record beside ``model.keras`` how slices become the model's inputs, so that the run alone
+    says it (``predict`` on another machine, after the prepared data is gone).
+
+    Args:
+        mode: the :mod:`keras_cspine.data.preprocess` mode (``paper``, ``bone``, ...).
+        render_size: the side the slices were rendered at (``prepare --size``).
+        image_size: the model's input side (slices are resampled from ``render_size``).
+        metadata_columns: the features of the ``metadata`` input, in order.
+        metadata_scale: the factor each metadata column is multiplied by.
+        source: the prepared folder the values were read from (for the record only).
+    """
+    path = Path(run_dir) / PREPROCESSING_FILE
+    write_json(path, {
+        "format": PREPROCESSING_FORMAT,
+        "mode": str(mode),
+        "render_size": int(render_size),
+        "image_size": int(image_size),
+        "metadata_columns": list(metadata_columns),
+        "metadata_scale": {c: float(metadata_scale.get(c, 1.0)) for c in metadata_columns},
+        "source": source,
+    })  # fmt: skip
+    return path
+
+
+def read_preprocessing(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``preprocessing.json`` (None when the run has none); a damaged file raises
+    :class:`~keras_cspine.errors.CSpineDataError` naming it."""
+    path = Path(run_dir) / PREPROCESSING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in ("mode", "render_size", "image_size", "metadata_columns")
+                   if k not in data]  # fmt: skip
+    except (OSError, ValueError, TypeError) as err:
+        raise CSpineDataError(path, f"unreadable ({err})") from err
+    if not isinstance(data, dict) or missing:
+        raise CSpineDataError(path, f"not a preprocessing record: missing {missing}")
+    if data.get("format", 1) > PREPROCESSING_FORMAT:
+        raise CSpineDataError(path, f"format {data['format']} is newer than this package reads "
+                                    f"({PREPROCESSING_FORMAT}); update keras_cspine")  # fmt: skip
+    return data
+

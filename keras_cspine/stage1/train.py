@@ -325,6 +325,7 @@ def train_stage1(
     fit_from_prepared(prepared, splits["train"]).save(run_dir / runs.LEVEL_DECODER_FILE)
     sequences = make_sequences(config, prepared, splits)
     train_seq, val_seq = sequences["train"], sequences["val"]
+    _write_preprocessing(run_dir, prepared, config, sequences["train"])
     write_json(run_dir / runs.DATA_FILE, {k: s.get_config() for k, s in sequences.items()})
     fitted_now = fit_done is None
     if fitted_now:
@@ -352,6 +353,21 @@ def train_stage1(
         summary["evaluation"] = evaluate_run(run_dir, split=split)
     write_json(summary_path, summary)
     return summary
+
+
+def _write_preprocessing(run_dir: Path, prepared: Path, config: Stage1Config, sequence) -> None:
+    """``preprocessing.json``: the prepared data's mode and render size, the model's input size,
+    the metadata columns and their scaling (:func:`keras_cspine.stage1.runs.write_preprocessing`)."""
+    from keras_cspine.data.prepare import read_settings
+    from keras_cspine.stage1.dataset import METADATA_SCALE
+
+    settings = read_settings(prepared).get("settings", {})
+    runs.write_preprocessing(
+        run_dir, mode=settings.get("mode", config.data.prepare_mode),
+        render_size=settings.get("size") or sequence.cache_size, image_size=sequence.image_size,
+        metadata_columns=config.data.metadata_columns, metadata_scale=METADATA_SCALE,
+        source=str(Path(prepared).resolve()),
+    )  # fmt: skip
 
 
 def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
