@@ -7,7 +7,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path) as handle:
         json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+              columns: Sequence[str]) -> None:  # fmt: skip
+    """Write ``rows`` (mappings) under the header ``columns``, atomically, with ``\\n`` line ends."""
+    import csv
+
+    with atomic_write(path, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_default(value: Any) -> Any:

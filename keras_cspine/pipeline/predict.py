@@ -54,13 +54,11 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +80,7 @@ from keras_cspine.pipeline.results import (
 from keras_cspine.pipeline.studies import find_latest_stage1, find_latest_stage2, find_studies
 from keras_cspine.stage1.inference import Stage1Model
 from keras_cspine.stage2.inference import Stage2Model
-from keras_cspine.utils import atomic_write, write_json
+from keras_cspine.utils import atomic_write, write_csv, write_json
 
 STEPS = ("read", "stage1", "stage2", "report")
 
@@ -198,13 +196,6 @@ def _load_models(stage1, stage2, runs, config: PredictConfig):
     return stage1, stage2
 
 
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with atomic_write(path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def predict(
     input_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -300,10 +291,10 @@ def predict(
 
     files = {"submission": str(out / "submission.csv"), "predictions": str(out / "predictions.csv")}
     write_submission(pd.DataFrame(rows, columns=["row_id", "fractured"]), out / "submission.csv")
-    _write_csv(out / "predictions.csv", table,
+    write_csv(out / "predictions.csv", table,
                ["StudyInstanceUID", *TARGETS, "n_slices", "n_gated", "n_boxes", "status"])  # fmt: skip
     if errors:
-        _write_csv(out / "errors.csv", errors, ["StudyInstanceUID", "path", "problem"])
+        write_csv(out / "errors.csv", errors, ["StudyInstanceUID", "path", "problem"])
         files["errors"] = str(out / "errors.csv")
     if reports:
         files["index"] = str(write_index(table, reports, out))

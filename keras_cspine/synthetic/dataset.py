@@ -44,7 +44,6 @@ or ``python -m keras_cspine synth data/synth --studies 16 --seed 0 --preset smal
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import tempfile
@@ -77,7 +76,7 @@ from keras_cspine.synthetic.study import (  # noqa: F401 - the public names, re-
     render_study,
     sample_study,
 )
-from keras_cspine.utils import atomic_write, write_json
+from keras_cspine.utils import write_csv, write_json
 
 
 def _record(spec: StudySpec, seg_present: Sequence[int], per_fracture: dict, labels: dict) -> dict:
@@ -247,13 +246,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    with atomic_write(path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     n_studies: int = 8,
@@ -323,19 +315,19 @@ def generate_dataset(
 
     train = [r for r in results if r["record"]["split"] == "train"]
     test = [r for r in results if r["record"]["split"] == "test"]
-    _write_csv(out / "train.csv", ("StudyInstanceUID", "patient_overall", *VERTEBRAE),
-               [{"StudyInstanceUID": r["record"]["StudyInstanceUID"], **r["labels"]}
-                for r in train])  # fmt: skip
-    _write_csv(out / "train_bounding_boxes.csv",
-               ("StudyInstanceUID", "x", "y", "width", "height", "slice_number"),
-               [b for r in train for b in r["boxes"]])  # fmt: skip
+    write_csv(out / "train.csv",
+              [{"StudyInstanceUID": r["record"]["StudyInstanceUID"], **r["labels"]}
+               for r in train], ("StudyInstanceUID", "patient_overall", *VERTEBRAE))  # fmt: skip
+    write_csv(out / "train_bounding_boxes.csv", [b for r in train for b in r["boxes"]],
+              ("StudyInstanceUID", "x", "y", "width", "height", "slice_number"))  # fmt: skip
     targets = (*VERTEBRAE, "patient_overall")
     test_rows = [{"row_id": f"{r['record']['StudyInstanceUID']}_{t}",
                   "StudyInstanceUID": r["record"]["StudyInstanceUID"], "prediction_type": t}
                  for r in test for t in targets]  # fmt: skip
-    _write_csv(out / "test.csv", ("row_id", "StudyInstanceUID", "prediction_type"), test_rows)
-    _write_csv(out / "sample_submission.csv", ("row_id", "fractured"),
-               [{"row_id": row["row_id"], "fractured": 0.5} for row in test_rows])  # fmt: skip
+    write_csv(out / "test.csv", test_rows, ("row_id", "StudyInstanceUID", "prediction_type"))
+    write_csv(out / "sample_submission.csv",
+              [{"row_id": row["row_id"], "fractured": 0.5} for row in test_rows],
+              ("row_id", "fractured"))  # fmt: skip
     from keras_cspine import __version__
 
     write_json(out / MANIFEST, {
