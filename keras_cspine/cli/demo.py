@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.paper.demo``."""
+    """``python -m keras_cspine demo`` (also ``python -m keras_cspine.cli.demo``)."""
     parser = argparse.ArgumentParser(prog="python -m keras_cspine demo", description=sys.modules['keras_cspine.paper.demo'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

@@ -245,8 +245,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.stage2.cli <step> ...``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.stage2.cli")
+    """``python -m keras_cspine detect`` (also ``python -m keras_cspine.cli.detect``)."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine detect")
     configure_parser(parser)
     return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
 

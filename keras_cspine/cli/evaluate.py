@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.stage1.evaluate``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.stage1.evaluate", description=sys.modules['keras_cspine.stage1.evaluate'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    """``python -m keras_cspine evaluate`` (also ``python -m keras_cspine.cli.evaluate``)."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine evaluate", description=sys.modules['keras_cspine.stage1.evaluate'].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

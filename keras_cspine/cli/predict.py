@@ -94,8 +94,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.pipeline.predict INPUT --out OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.pipeline.predict", description=__doc__,
+    """``python -m keras_cspine predict`` (also ``python -m keras_cspine.cli.predict``)."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_cspine prepare", description=sys.modules['keras_cspine.data.prepare'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

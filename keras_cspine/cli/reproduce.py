@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.paper.reproduce``."""
+    """``python -m keras_cspine reproduce`` (also ``python -m keras_cspine.cli.reproduce``)."""
     parser = argparse.ArgumentParser(prog="python -m keras_cspine reproduce", description=sys.modules['keras_cspine.paper.reproduce'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.synthetic.dataset OUT [--studies N] [--seed S] [--preset P]``."""
+    """``python -m keras_cspine synth`` (also ``python -m keras_cspine.cli.synth``)."""
     parser = configure_parser(argparse.ArgumentParser(
         prog="python -m keras_cspine synth",
         description="Write a synthetic dataset in the RSNA 2022 cervical spine layout."))  # fmt: skip

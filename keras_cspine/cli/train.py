@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.stage1.train``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.stage1.train", description=sys.modules['keras_cspine.stage1.train'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    """``python -m keras_cspine train`` (also ``python -m keras_cspine.cli.train``)."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine train", description=sys.modules['keras_cspine.stage1.train'].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

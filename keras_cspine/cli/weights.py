@@ -96,9 +96,9 @@ def _print_pin(e: WeightsEntry, result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keras_cspine.stage1.models.pretrained``."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine.stage1.models.pretrained", description=sys.modules['keras_cspine.stage1.models.pretrained'].__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    """``python -m keras_cspine weights`` (also ``python -m keras_cspine.cli.weights``)."""
+    parser = argparse.ArgumentParser(prog="python -m keras_cspine weights", description=sys.modules['keras_cspine.stage1.models.pretrained'].__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

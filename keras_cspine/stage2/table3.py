@@ -1,7 +1,7 @@
 """Reproduce the paper's Table 3: YOLOv8s/m and YOLOv5s/m fracture detection (Section 3).
 
 :func:`reproduce_table3` exports the YOLO dataset of an RSNA-layout folder (unless given an
-export), trains and validates each model in its own ``python -m keras_cspine.stage2.cli train``
+export), trains and validates each model in its own ``python -m keras_cspine detect train``
 process (torch never shares a process with TensorFlow, and memory is returned between models), and
 writes ``table3.csv`` / ``table3.md`` beside the paper's numbers. Finished models are not retrained
 when the command is run again.
@@ -65,7 +65,7 @@ def reproduce_table3(
     for model in models:
         run_dir = out / "models" / model
         command = [
-            sys.executable, "-m", "keras_cspine.stage2.cli", "train", str(dataset),
+            sys.executable, "-m", "keras_cspine", "detect", "train", str(dataset),
             "--out", str(run_dir), "--model", model, "--epochs", str(epochs),
             "--imgsz", str(imgsz), "--batch", str(batch), "--device", device,
             "--seed", str(seed), "--workers", str(workers),
