@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_cspine.stage1 import runs
 from keras_cspine.utils import write_json
 
 
@@ -248,7 +249,7 @@ def train_detector_subprocess(export_dir: Path, run_dir: Path, settings: DemoSet
     for item in settings.detect_extra:
         command += ["--set", f"extra.{item}"]
     result = subprocess.run(command, env=_child_env())
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / runs.METRICS_FILE
     if result.returncode != 0 or not metrics_path.is_file():
         raise RuntimeError(f"stage 2 training failed (exit {result.returncode}): "
                            f"{' '.join(command)}")  # fmt: skip

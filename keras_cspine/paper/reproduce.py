@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from keras_cspine.config import CONFIG_DIR
+from keras_cspine.stage1 import runs
 
 #: Table 1 rows in the paper's order: registry model names (config ``stage1_<name>``).
 TABLE1_MODELS = ("gcvit_tiny", "vit", "convnext_small", "inceptionv3", "resnet152v2", "swin")
@@ -76,8 +77,8 @@ def reproduce_table1(
     rows = []
     for config, (config_name, sets) in zip(configs, settings):
         run_dir = out / config.name
-        metrics_path = run_dir / "metrics.json"
-        if (run_dir / "summary.json").is_file() and metrics_path.is_file():
+        metrics_path = run_dir / runs.METRICS_FILE
+        if (run_dir / runs.SUMMARY_FILE).is_file() and metrics_path.is_file():
             print(f"[reproduce] {config.name}: finished earlier, reusing", file=sys.stderr)
         else:
             print(f"[reproduce] {config.name}: training {config.model.name}", file=sys.stderr)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from keras_cspine.errors import CSpineDataError
+from keras_cspine.stage1.runs import BACKUP_DIR, MODEL_FILE
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -48,7 +49,7 @@ def find_latest_stage1(runs: str | os.PathLike = "runs") -> Path | None:
     root = Path(runs)
     if not root.is_dir():
         return None
-    found = _newest(p for p in root.rglob("model.keras") if "backup" not in p.parts)
+    found = _newest(p for p in root.rglob(MODEL_FILE) if BACKUP_DIR not in p.parts)
     return found.parent if found else None
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import VERTEBRAE
+from keras_cspine.stage1 import runs
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -34,8 +35,6 @@ def _stage1_settings(run_dir: Path) -> dict[str, Any]:
     ``prepare.json`` of their training data) with a warning; when that data is gone too, the
     run cannot say how its slices were made and loading it is an error naming the run.
     """
-    from keras_cspine.stage1 import runs
-
     recorded = runs.read_preprocessing(run_dir)
     if recorded is not None:
         return {
@@ -146,11 +145,10 @@ class Stage1Model:
 
         import keras_cspine.stage1.models.factory  # noqa: F401 - registers every model, for loading
         from keras_cspine.stage1.level_decoding import LevelDecoder
-        from keras_cspine.stage1.runs import LEVEL_DECODER_FILE, SEQUENCE_MODEL_FILE
         from keras_cspine.stage1.sequence_model import load_sequence_model
 
         path = Path(path)
-        model_path = path / "model.keras" if path.is_dir() else path
+        model_path = path / runs.MODEL_FILE if path.is_dir() else path
         if not model_path.is_file():
             raise CSpineDataError(model_path, "stage 1 model not found (a run directory with "
                                               "model.keras, or a .keras file)")  # fmt: skip
@@ -165,8 +163,8 @@ class Stage1Model:
             raise CSpineDataError(model_path, f"takes {inputs['image'].shape[1]} px images but its "
                                   f"run recorded {recorded_size} px: the model was replaced "
                                   f"after training")  # fmt: skip
-        decoder_path = model_path.parent / LEVEL_DECODER_FILE
-        sequence_path = model_path.parent / SEQUENCE_MODEL_FILE
+        decoder_path = model_path.parent / runs.LEVEL_DECODER_FILE
+        sequence_path = model_path.parent / runs.SEQUENCE_MODEL_FILE
         return cls(
             model, mode=mode or settings.get("mode", "bone"),
             render_size=render_size or settings.get("render_size"),
