@@ -49,6 +49,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(command: str, argv: Sequence[str] | None = None) -> int:
+    """Run one command with its own arguments (the ``main`` of ``python -m
+    keras_cspine.cli.<command>`` and of the old ``python -m keras_cspine.train`` paths)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main([command, *argv])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -6,9 +6,9 @@ The command line of :mod:`keras_cspine.paper.demo` (its docstring is the command
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from keras_cspine.cli import run_command
 from keras_cspine.paper.demo import DemoSettings, run_demo
 
 
@@ -50,11 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine demo`` (also ``python -m keras_cspine.cli.demo``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine demo", description=sys.modules['keras_cspine.paper.demo'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("demo", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

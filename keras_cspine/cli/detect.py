@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from keras_cspine.cli import run_command
 
 
 def _config_options(parser: argparse.ArgumentParser, bundled: str) -> None:
@@ -246,10 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine detect`` (also ``python -m keras_cspine.cli.detect``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine detect")
-    configure_parser(parser)
-    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
-
+    return run_command("detect", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,10 +6,10 @@ The command line of :mod:`keras_cspine.stage1.evaluate` (its docstring is the co
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keras_cspine.cli import run_command
 from keras_cspine.stage1.evaluate import evaluate_run
 
 
@@ -33,11 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine evaluate`` (also ``python -m keras_cspine.cli.evaluate``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine evaluate", description=sys.modules['keras_cspine.stage1.evaluate'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("evaluate", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,9 +6,9 @@ The command line of :mod:`keras_cspine.viz` (its docstring is the command's desc
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from keras_cspine.cli import run_command
 from keras_cspine.viz import look
 
 
@@ -33,10 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine look", description=sys.modules['keras_cspine.viz'].__doc__)
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    """``python -m keras_cspine look`` (also ``python -m keras_cspine.cli.look``)."""
+    return run_command("look", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

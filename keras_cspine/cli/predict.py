@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from keras_cspine.cli import run_command
 from keras_cspine.pipeline.config import PredictConfig
 from keras_cspine.pipeline.predict import predict
 
@@ -95,11 +96,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine predict`` (also ``python -m keras_cspine.cli.predict``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("predict", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,10 +6,10 @@ The command line of :mod:`keras_cspine.data.prepare` (its docstring is the comma
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keras_cspine.cli import run_command
 from keras_cspine.data.prepare import prepare_dataset
 
 
@@ -45,11 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine prepare", description=sys.modules['keras_cspine.data.prepare'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    """``python -m keras_cspine prepare`` (also ``python -m keras_cspine.cli.prepare``)."""
+    return run_command("prepare", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

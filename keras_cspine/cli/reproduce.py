@@ -6,11 +6,11 @@ The command line of :mod:`keras_cspine.paper.reproduce` (its docstring is the co
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keras_cspine.cli import run_command
 from keras_cspine.paper.reproduce import TABLE1_MODELS, format_plan, reproduce_table1, table1_plan
 
 
@@ -72,11 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine reproduce`` (also ``python -m keras_cspine.cli.reproduce``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine reproduce", description=sys.modules['keras_cspine.paper.reproduce'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("reproduce", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

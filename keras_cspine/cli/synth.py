@@ -10,25 +10,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+from keras_cspine.cli import run_command
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.synthetic.dataset import generate_dataset, load_manifest
-from keras_cspine.synthetic.study import (  # noqa: F401 - the public names, re-exported
-    _TMP,
-    JPEG_LOSSLESS,
-    MANIFEST,
-    OUTPUT_NAMES,
-    PRESETS,
-    UID_ROOT,
-    VERTEBRAE,
-    Preset,
-    StudySpec,
-    SyntheticStudy,
-    _boxes_from_breaks,
-    get_preset,
-    merge_slice_boxes,
-    render_study,
-    sample_study,
-)
+from keras_cspine.synthetic.study import PRESETS
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -72,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine synth`` (also ``python -m keras_cspine.cli.synth``)."""
-    parser = configure_parser(argparse.ArgumentParser(
-        prog="python -m keras_cspine synth",
-        description="Write a synthetic dataset in the RSNA 2022 cervical spine layout."))  # fmt: skip
-    return run(parser.parse_args(argv))
-
+    return run_command("synth", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

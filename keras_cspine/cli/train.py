@@ -6,10 +6,10 @@ The command line of :mod:`keras_cspine.stage1.train` (its docstring is the comma
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keras_cspine.cli import run_command
 from keras_cspine.stage1.config import (
     DEFAULT_CONFIG,
     load_stage1_config,
@@ -63,11 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine train`` (also ``python -m keras_cspine.cli.train``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine train", description=sys.modules['keras_cspine.stage1.train'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("train", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

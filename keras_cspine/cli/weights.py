@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from keras_cspine.cli import run_command
 from keras_cspine.stage1.models import pretrained
 from keras_cspine.stage1.models.pretrained import (
     WeightsEntry,
@@ -97,11 +98,7 @@ def _print_pin(e: WeightsEntry, result: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine weights`` (also ``python -m keras_cspine.cli.weights``)."""
-    parser = argparse.ArgumentParser(prog="python -m keras_cspine weights", description=sys.modules['keras_cspine.stage1.models.pretrained'].__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
-
+    return run_command("weights", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
