@@ -380,7 +380,7 @@ def test_fetch_http_error(caches, server, monkeypatch):
 def test_fetch_unreachable_url_is_one_clear_cli_line(caches, monkeypatch, capsys):
     e = _add_entry(monkeypatch)
     url = f"http://127.0.0.1:{_free_port()}/tiny.bin"
-    assert weights_cli(["fetch", e.name, "--url", url, "--quiet"]) == 1
+    assert weights_cli(["fetch", e.name, "--url", url, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: {url}: download failed: connection")
@@ -464,7 +464,7 @@ def test_add_wrong_hash_writes_nothing(caches, monkeypatch, tmp_path, capsys):
     e = _add_entry(monkeypatch)
     source = tmp_path / "download.bin"
     source.write_bytes(PAYLOAD + b"x")
-    assert weights_cli(["add", str(source), "--name", e.name]) == 1
+    assert weights_cli(["add", str(source), "--name", e.name]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: {source}: sha256 mismatch")

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
+
+from keras_cspine.config import ConfigError
+from keras_cspine.errors import CSpineDataError, MissingDependencyError
 
 # command -> (module, one-line help). Each module has configure_parser(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,8 +41,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to configure its arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m keras_cspine",
-        description="Cervical spine fracture detection in CT with Keras 3 (RSNA 2022 layout).",
+        description="Cervical spine fracture detection in CT with Keras 3 (RSNA 2022 layout). "
+        "Errors print as one line; --debug (or KERAS_CSPINE_DEBUG=1) shows the traceback.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also KERAS_CSPINE_DEBUG=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if not _available(module):
@@ -56,16 +63,42 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
     return main([command, *argv])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
-        command = None
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+#: Errors a user meets (bad input, bad settings, missing files or packages): one line, exit 2.
+#: Anything else is a bug in keras_cspine and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CSpineDataError, ConfigError, MissingDependencyError, FileNotFoundError, FileExistsError,
+    IsADirectoryError, NotADirectoryError, PermissionError,
+)  # fmt: skip
+DEBUG_ENV = "KERAS_CSPINE_DEBUG"
 
+
+def error_line(err: BaseException) -> str:
+    """``error: <file>: <problem>``: one line saying what is wrong and where."""
+    if isinstance(err, OSError) and not isinstance(err, CSpineDataError) and err.filename:
+        return f"error: {err.filename}: {err.strerror or err}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"error: {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keras_cspine [--debug] <command> ...``: 0 on success, 2 on a user error
+    (printed as one line, the traceback only with ``--debug`` or ``KERAS_CSPINE_DEBUG=1``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command not in COMMANDS:
+            command = None
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(error_line(err), file=sys.stderr)
+        return 2

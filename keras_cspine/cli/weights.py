@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     except (WeightsFileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a user error, as keras_cspine.cli prints them
     print(f"error: unknown action {action!r}", file=sys.stderr)  # pragma: no cover
     return 2  # pragma: no cover
 

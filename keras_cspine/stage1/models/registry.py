@@ -15,6 +15,8 @@ from typing import Any
 
 import keras
 
+from keras_cspine.config import ConfigError
+
 NUM_CLASSES = 7
 IMAGE_MODES = ("image+metadata", "image", "metadata")
 
@@ -93,4 +95,4 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None

@@ -1,0 +1,150 @@
+"""Illegal inputs and what each gets: one line, ``error: <file>: <problem>``, exit code 2.
+
+The table :data:`CASES` is the source of the README's "Illegal inputs" table:
+``python tests/test_illegal_inputs.py`` prints it, and :func:`test_readme_table_is_generated`
+fails when the README's copy drifts. Each case runs the real command line, in this process
+(``keras_cspine.cli.main``) or, for stage 2, in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- illegal-inputs:begin -->", "<!-- illegal-inputs:end -->"
+
+
+@dataclass(frozen=True)
+class Case:
+    what: str  # the input, in words (README)
+    argv: Callable[[Path], list[str]]  # the command line, given a scratch folder
+    gets: str  # a fragment of the one-line error (README: what the user gets)
+    setup: Callable[[Path], None] = lambda tmp: None
+    subprocess: bool = False  # stage 2 commands: never TensorFlow and torch in one process
+
+
+def _file(name: str, text: str = "x") -> Callable[[Path], None]:
+    def make(tmp: Path) -> None:
+        (tmp / name).write_text(text)
+
+    return make
+
+
+def _run_without_summary(tmp: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.yaml").write_text("name: x\n")
+
+
+def _weights_file(tmp: Path) -> None:
+    (tmp / "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"not hdf5")
+
+
+CASES: list[Case] = [
+    Case("a data folder that is neither prepared nor in the RSNA layout",
+         lambda t: ["train", str(t)], "neither a prepare folder (index.csv) nor an RSNA-layout"),
+    Case("a config value out of range (`--set train.epochs=0`)",
+         lambda t: ["train", str(t), "--set", "train.epochs=0"],
+         "epochs and batch_size must be >= 1"),
+    Case("a misspelt config key (`--set model.nme=vit`)",
+         lambda t: ["train", str(t), "--set", "model.nme=vit"], "unknown config key(s) model.nme"),
+    Case("a config that does not exist",
+         lambda t: ["train", str(t), "--config", "stage1_alexnet"],
+         "stage1_alexnet: no such config file (bundled configs:"),
+    Case("a frozen backbone with random weights (`--set model.weights=null`)",
+         lambda t: ["train", str(t), "--config", "stage1_gcvit_tiny", "--set", "model.weights=null"],
+         "freezes its backbone (freeze 'levels_2') but model.weights is null"),
+    Case("a paper config whose ImageNet weights are not here",
+         lambda t: ["train", str(t), "--config", "stage1_resnet152v2"],
+         "get them with `keras-cspine weights fetch resnet152v2`"),
+    Case("an unknown model in a table",
+         lambda t: ["reproduce", "table1", "--dry-run", "--models", "alexnet"],
+         "unknown model 'alexnet'; known:"),
+    Case("evaluating a folder that is not a finished run",
+         lambda t: ["evaluate", str(t / "run")], "config.yaml: missing: not a finished training run",
+         setup=lambda t: (t / "run").mkdir()),
+    Case("a weights file brought by hand with the wrong hash",
+         lambda t: ["weights", "add", str(t / "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+                    "--name", "resnet152v2"],
+         "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5: ", setup=_weights_file),
+    Case("a weights name that does not exist", lambda t: ["weights", "fetch", "alexnet"],
+         "unknown weights 'alexnet'"),
+    Case("prediction from a stage 1 run folder without a model",
+         lambda t: ["predict", str(t), "--out", str(t / "out"), "--stage1", str(t / "run")],
+         "model.keras: stage 1 model not found", setup=_run_without_summary),
+    Case("a YOLO export of a folder that is not in the RSNA layout",
+         lambda t: ["detect", "export", str(t), str(t / "yolo")],
+         "train_bounding_boxes.csv: file not found: the YOLO export needs fracture boxes",
+         subprocess=True),
+]  # fmt: skip
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("KERAS_CSPINE_WEIGHTS", str(tmp_path / "cspine_weights"))
+    monkeypatch.delenv("KERAS_CSPINE_DEBUG", raising=False)
+    scratch = tmp_path / "case"
+    scratch.mkdir()
+    return scratch
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_illegal_input_gets_one_line(case, caches, capsys):
+    case.setup(caches)
+    argv = case.argv(caches)
+    if case.subprocess:
+        from helpers_cli import run_cli
+
+        result = run_cli(*argv, env={"KERAS_HOME": str(caches.parent / "keras_home")})
+        code, err = result.returncode, result.stderr
+    else:
+        from keras_cspine.cli import main
+
+        code = main(argv)
+        err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert case.gets in lines[0], lines[0]
+
+
+def test_debug_shows_the_traceback(caches, monkeypatch):
+    from keras_cspine.cli import main
+    from keras_cspine.errors import CSpineDataError
+
+    with pytest.raises(CSpineDataError, match="neither a prepare folder"):
+        main(["--debug", "train", str(caches)])
+    monkeypatch.setenv("KERAS_CSPINE_DEBUG", "1")
+    with pytest.raises(CSpineDataError):
+        main(["train", str(caches)])
+
+
+def markdown_table() -> str:
+    rows = ["| input | command | what it gets (exit code 2) |", "|---|---|---|"]
+    for case in CASES:
+        argv = " ".join(a.replace(str(Path("/SCRATCH")), "DIR") for a in case.argv(Path("DIR")))
+        gets = case.gets.replace("|", "\\|").strip()
+        rows.append(f"| {case.what} | `{argv}` | `error: ...{gets}...` |")
+    return "\n".join(rows)
+
+
+def test_readme_table_is_generated():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert BEGIN in readme and END in readme, "README lacks the illegal-inputs markers"
+    current = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert current == markdown_table(), "run: python tests/test_illegal_inputs.py --write"
+
+
+if __name__ == "__main__":  # python tests/test_illegal_inputs.py [--write]
+    table = markdown_table()
+    if "--write" in sys.argv:
+        path = REPO / "README.md"
+        text = path.read_text(encoding="utf-8")
+        head, rest = text.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+    print(table)
