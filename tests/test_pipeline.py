@@ -172,19 +172,35 @@ def test_find_studies_layouts(synthetic_data, tmp_path):
         find_studies(tmp_path / "missing")
 
 
+def finish_stage1_run(folder):
+    """Mark a stage 1 run folder finished, as ``train`` does last (``summary.json``)."""
+    (folder / "summary.json").write_text("{}")
+
+
+def finish_stage2_run(folder):
+    """Mark a detection run finished, as ``detect train`` does (``run.json`` trained, then
+    ``metrics.json`` last)."""
+    (folder / "run.json").write_text('{"trained": true}')
+    (folder / "metrics.json").write_text("{}")
+
+
 def test_latest_runs_are_found_by_time(tmp_path):
     assert find_latest_stage1(tmp_path / "none") is None
     old, new = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     for folder, stamp in ((old, 1_000_000), (new, 2_000_000)):
         (folder / "weights").mkdir(parents=True)
-        for name in ("model.keras", "weights/best.onnx"):
+        finish_stage1_run(folder)
+        finish_stage2_run(folder)
+        for name in ("model.keras", "weights/best.onnx", "summary.json", "metrics.json"):
             (folder / name).write_bytes(b"x")
             os.utime(folder / name, (stamp, stamp))
     (new / "backup").mkdir()
     (new / "backup" / "model.keras").write_bytes(b"x")
     os.utime(new / "backup" / "model.keras", (3_000_000, 3_000_000))
-    assert find_latest_stage1(tmp_path / "runs") == new
+    assert find_latest_stage1(tmp_path / "runs") == old  # b's backup/: training not over
     assert find_latest_stage2(tmp_path / "runs") == new / "weights" / "best.onnx"
+    shutil.rmtree(new / "backup")
+    assert find_latest_stage1(tmp_path / "runs") == new
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,6 +604,8 @@ def test_predict_end_to_end(models, study_folders, synthetic_data, tmp_path):
     (runs / "detect" / "weights").mkdir(parents=True)
     shutil.copy(models[0], runs / "stage1" / "model.keras")
     shutil.copy(models[1], runs / "detect" / "weights" / "best.onnx")
+    finish_stage1_run(runs / "stage1")
+    finish_stage2_run(runs / "detect")
     out2 = tmp_path / "ungated"
     code = main([str(root), "--out", str(out2), "--runs", str(runs), "--no-gating",
                  "--report", "none", "--quiet"])  # fmt: skip

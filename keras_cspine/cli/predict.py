@@ -13,15 +13,26 @@ from keras_cspine.pipeline.config import PredictConfig
 from keras_cspine.pipeline.predict import predict
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--limit 0`` would mean "no limit" by accident)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m keras_cspine predict``."""
     parser.add_argument("input", help="a study folder of .dcm slices, a folder of studies "
                         "(RSNA test_images) or an RSNA dataset root")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--stage1", help="stage 1 run directory or .keras (default: newest in "
-                        "--runs)")  # fmt: skip
-    parser.add_argument("--stage2", help="stage 2 run directory, .onnx or .pt (default: newest "
-                        "in --runs)")  # fmt: skip
+    parser.add_argument("--stage1", help="stage 1 run directory or .keras (default: the newest "
+                        "finished run in --runs)")  # fmt: skip
+    parser.add_argument("--stage2", help="stage 2 run directory, .onnx or .pt (default: the "
+                        "newest finished run in --runs)")  # fmt: skip
     parser.add_argument("--runs", default="runs", help="where default models are looked for")
     parser.add_argument("--config", help="a PredictConfig YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -37,7 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", choices=["html", "markdown", "none"],
                         help="per-study report format (default html)")  # fmt: skip
     parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
-    parser.add_argument("--limit", type=int, help="at most this many studies")
+    parser.add_argument("--limit", type=positive_int, help="at most this many studies (>= 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -80,8 +91,14 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     ]
     if "index" in summary["files"]:
         lines.append(f"[predict] reports: {summary['files']['index']}")
+    if summary.get("n_reused") or summary.get("n_redone"):
+        lines.append(f"[predict] {summary.get('n_reused', 0)} studies reused from earlier runs, "
+                     f"{summary.get('n_redone', 0)} redone (other models or settings)")  # fmt: skip
+    for warning in summary.get("warnings", []):
+        lines.append(f"[predict] warning {warning['StudyInstanceUID']}: {warning['warning']}")
     for error in summary["errors"]:
-        lines.append(f"[predict] FAILED {error['StudyInstanceUID']}: {error['problem']}")
+        lines.append(f"[predict] FAILED {error['StudyInstanceUID'] or error['path']}: "
+                     f"{error['problem']}")  # fmt: skip
     if "evaluation" in summary:
         ev = summary["evaluation"]
         auc = ev["mean_vertebra_auc"]

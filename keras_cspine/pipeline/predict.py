@@ -27,8 +27,13 @@ This module (not the paper) joins them into study-level findings:
   without boxes keeps a small prior and no probability reaches 0 or 1 (the competition metric is
   a log loss).
 
-Outputs of :func:`predict` (all written atomically; a rerun with the same settings keeps the
-studies already done):
+Studies are named by the StudyInstanceUID of their DICOM (the folder name only when the DICOM
+has none); a folder name that is not the study's UID (it may be the patient's name) never
+appears in the outputs. Unless given, the models are the newest *finished* runs under ``runs``
+(:func:`find_latest_stage1`, :func:`find_latest_stage2`), and ``predict`` says which.
+
+Outputs of :func:`predict` (all written atomically; a rerun keeps the studies already done with
+the same settings and the same models, compared by the SHA-256 of their files):
 
 - ``submission.csv``: the RSNA format (``row_id = <UID>_C1..C7``, ``<UID>_patient_overall``,
   ``fractured``), ready for the Kaggle competition; a study that cannot be read gets its prior
@@ -77,7 +82,20 @@ from keras_cspine.pipeline.results import (
     assign_boxes,
     gate_slices,
 )
-from keras_cspine.pipeline.studies import find_latest_stage1, find_latest_stage2, find_studies
+from keras_cspine.pipeline.studies import (
+    StudyName,
+    file_sha256,
+    find_latest_stage1,  # noqa: F401 - re-exported (keras_cspine.pipeline.predict's names)
+    find_latest_stage2,  # noqa: F401
+    find_studies,
+    looks_like_uid,
+    name_study,
+    read_study_uid,
+    stage1_run_problem,
+    stage1_runs,
+    stage2_run_problem,
+    stage2_runs,
+)
 from keras_cspine.stage1.inference import Stage1Model
 from keras_cspine.stage2.inference import Stage2Model
 from keras_cspine.utils import atomic_write, write_csv, write_json
@@ -113,18 +131,25 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
         stage1: the vertebrae classifier.
         stage2: the fracture detector; None gives stage 1 only (fracture probabilities = priors).
         config: gating, thresholds and aggregation.
-        uid: the study's name (default: the folder name, the RSNA StudyInstanceUID).
+        uid: the study's name (default: the StudyInstanceUID of its DICOM, else the folder name
+            when that is a UID).
 
     Raises:
-        CSpineDataError: the study cannot be read (naming the file at fault).
+        CSpineDataError: the study cannot be read (naming the file at fault), or it has no
+            StudyInstanceUID to be named by.
     """
     from keras_cspine.data.preprocess import apply_window
     from keras_cspine.io.dicom import read_series
 
-    folder = Path(folder)
+    folder = Path(folder).absolute()
     timings = dict.fromkeys(("read", "stage1", "stage2"), 0.0)
     started = time.perf_counter()
     hu, meta = read_series(folder, decoder=config.decoder)
+    named = name_study(folder, meta.study_uid)
+    uid = uid or named.uid
+    if uid is None:
+        raise CSpineDataError(named.folder, "the DICOM holds no valid StudyInstanceUID and the "
+                              "folder name is not one: the study cannot be named")  # fmt: skip
     first = meta.slices[0]
     positions = np.asarray(meta.positions_mm, dtype=np.float64)
     sagittal = sagittal_projection(hu, first.pixel_spacing[1])
@@ -162,38 +187,161 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
             key_slices[box.slice_number] = np.rint(
                 apply_window(hu[box.series_index], "bone")).astype(np.uint8)  # fmt: skip
     info = {
-        "dicom_study_uid": meta.study_uid, "rows": first.rows, "columns": first.columns,
+        # the raw tag only when it is a UID (a damaged header may hold anything, names too)
+        "dicom_study_uid": meta.study_uid if looks_like_uid(meta.study_uid) else None,
+        "rows": first.rows, "columns": first.columns,
         "pixel_spacing_mm": list(first.pixel_spacing), "slice_spacing_mm": meta.spacing_mm,
         "head_first": meta.head_first, "transfer_syntax": first.transfer_syntax_uid,
         "stage2_roi": roi.to_json() if roi is not None else None,
+        "study_uid_source": named.source if uid == named.uid else "given",
+        "warnings": [named.warning] if named.warning else [],
     }  # fmt: skip
     return StudyResult(
-        uid=uid or folder.name, folder=str(folder), slice_numbers=numbers,
+        uid=uid, folder=str(folder) if folder.name == uid else named.folder, slice_numbers=numbers,
         positions_mm=positions[0] - positions, probabilities=probabilities, gated=gated,
         boxes=boxes, fracture=fracture, timings=timings, info=info, sagittal=sagittal,
         key_slices=key_slices,
     )  # fmt: skip
 
 
+def _say(message: str) -> None:
+    print(f"[predict] {message}", file=sys.stderr)
+
+
+def _choose(kind: str, given, runs, found, flag: str, train: str) -> tuple[Path, dict[str, Any]]:
+    """The default model of one stage: the newest finished run, and a note of the choice."""
+    if given is not None:
+        return given, {"chosen": "given"}
+    finished = next((r for r in found if r.finished), None)
+    skipped = [r for r in found if not r.finished and (finished is None or r.time > finished.time)]
+    skipped_text = "; ".join(f"{r.path} ({r.problem})" for r in skipped)
+    if finished is None:
+        more = f" ({len(skipped)} unfinished: {skipped_text})" if skipped else ""
+        raise CSpineDataError(runs, f"no finished {kind} run found{more}: train one (`python -m "
+                                    f"keras_cspine {train}`) or pass {flag}")  # fmt: skip
+    note = f"{kind}: {finished.path} (the newest finished run under {Path(runs).absolute()})"
+    if skipped:
+        note += f"; newer unfinished run(s) skipped: {skipped_text}"
+    _say(note)
+    return finished.path, {"chosen": "newest finished run", "runs": str(Path(runs).absolute()),
+                           "skipped_unfinished": [str(r.path) for r in skipped]}  # fmt: skip
 
 
 def _load_models(stage1, stage2, runs, config: PredictConfig):
-    if stage1 is None:
-        stage1 = find_latest_stage1(runs)
-        if stage1 is None:
-            raise CSpineDataError(runs, "no stage 1 model found: train one (`python -m "
-                                        "keras_cspine train`) or pass --stage1")  # fmt: skip
+    """The two stages (loaded), and how each was chosen."""
+    choice: dict[str, Any] = {}
     if not isinstance(stage1, Stage1Model):
-        stage1 = Stage1Model.load(stage1)
-    if stage2 is None:
-        stage2 = find_latest_stage2(runs)
-        if stage2 is None:
-            raise CSpineDataError(runs, "no stage 2 model found: train one (`python -m "
-                                        "keras_cspine detect train`) or pass --stage2")  # fmt: skip
-    if stage2 is not None and not isinstance(stage2, Stage2Model):
-        stage2 = Stage2Model.load(stage2, conf=config.box_conf, iou=config.box_iou,
+        path, choice["stage1"] = _choose("stage 1", stage1, runs, stage1_runs(runs), "--stage1",
+                                         "train")  # fmt: skip
+        path = Path(path).absolute()
+        problem = stage1_run_problem(path) if path.is_dir() else None
+        if problem and choice["stage1"]["chosen"] == "given":
+            _say(f"stage 1 run {path} is unfinished ({problem}); used as asked")
+            choice["stage1"]["unfinished"] = problem
+        stage1 = Stage1Model.load(path)
+    else:
+        choice["stage1"] = {"chosen": "given"}
+    if not isinstance(stage2, Stage2Model):
+        path, choice["stage2"] = _choose("stage 2", stage2, runs, stage2_runs(runs), "--stage2",
+                                         "detect train")  # fmt: skip
+        path = Path(path).absolute()
+        run_dir = path if path.is_dir() else path.parent.parent
+        if choice["stage2"]["chosen"] == "given" and (run_dir / "run.json").is_file():
+            problem = stage2_run_problem(run_dir)
+            if problem:
+                _say(f"stage 2 run {run_dir} is unfinished ({problem}); used as asked")
+                choice["stage2"]["unfinished"] = problem
+        stage2 = Stage2Model.load(path, conf=config.box_conf, iou=config.box_iou,
                                   threads=config.threads)  # fmt: skip
-    return stage1, stage2
+    else:
+        choice["stage2"] = {"chosen": "given"}
+    return stage1, stage2, choice
+
+
+# --------------------------------------------------------------------------------------------
+# What a study's result depends on: the settings and the content of the models
+# --------------------------------------------------------------------------------------------
+def _weights_sha256(model) -> str:
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        array = np.ascontiguousarray(weights)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprints(stage1: Stage1Model, stage2: Stage2Model | None) -> dict[str, Any]:
+    """Per stage, its settings (``describe()``) and the SHA-256 of what it was read from: the
+    stage 1 run's ``model.keras``, ``preprocessing.json``, level decoder and sequence model (the
+    weights, for a model built in memory) and the stage 2 ONNX file."""
+    files = getattr(stage1, "files", None) or {}
+    first = {**stage1.describe(), "sha256": (
+        {role: file_sha256(path) for role, path in sorted(files.items())} if files
+        else {"weights": _weights_sha256(stage1.model)})}  # fmt: skip
+    if stage2 is None:
+        return {"stage1": first, "stage2": None}
+    onnx = getattr(stage2.detector, "model_path", None)
+    second = {**stage2.describe(), "sha256": (
+        {"onnx": file_sha256(onnx)} if onnx is not None and Path(onnx).is_file() else None)}  # fmt: skip
+    return {"stage1": first, "stage2": second}
+
+
+def _settings_digest(config: PredictConfig, models: dict[str, Any]) -> str:
+    """The settings digest of a study's JSON: the settings and the models' content, not where the
+    model files are (a moved run keeps its results)."""
+    anonymous = {k: ({f: v for f, v in m.items() if f != "source"} if m else m)
+                 for k, m in models.items()}  # fmt: skip
+    text = json.dumps([config.digest(), anonymous], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _what_changed(saved: dict[str, Any], config: PredictConfig, models: dict[str, Any]) -> str:
+    """In words, why a saved study result does not fit the current settings and models."""
+    changes = []
+    before = saved.get("models") or {}
+    for stage in ("stage1", "stage2"):
+        now, then = models.get(stage), before.get(stage)
+        if (now is None) != (then is None):
+            changes.append(f"{stage.replace('stage', 'stage ')} model added or removed")
+            continue
+        if now is None:
+            continue
+        old_hashes, new_hashes = then.get("sha256"), now.get("sha256")
+        if old_hashes is None:
+            changes.append(f"{stage.replace('stage', 'stage ')} model not fingerprinted then")
+        elif old_hashes != new_hashes:
+            which = sorted(k for k in {*old_hashes, *(new_hashes or {})}
+                           if old_hashes.get(k) != (new_hashes or {}).get(k))  # fmt: skip
+            changes.append(f"{stage.replace('stage', 'stage ')} model files changed "
+                           f"({', '.join(which)})")  # fmt: skip
+        rest = ({k: v for k, v in now.items() if k not in ("source", "sha256")},
+                {k: v for k, v in then.items() if k not in ("source", "sha256")})
+        if rest[0] != rest[1]:
+            changes.append(f"{stage.replace('stage', 'stage ')} settings changed")
+    if saved.get("config_digest") != config.digest():
+        changes.append("predict settings changed")
+    return ", ".join(changes) or "written by another version"
+
+
+def _read_saved(json_path: Path) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CSpineDataError(out, "exists and is not a folder: --out must be a new folder or "
+                                   "one that predict wrote before")  # fmt: skip
+    if out.is_dir() and any(out.iterdir()) and not (out / "predict_config.yaml").is_file():
+        raise CSpineDataError(out, "is a folder that predict did not write (no "
+                                   "predict_config.yaml), and predict would overwrite files in "
+                                   "it: choose a new --out")  # fmt: skip
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CSpineDataError(above, f"is a file, so the output folder {out} cannot be made")
 
 
 def predict(
@@ -212,60 +360,98 @@ def predict(
 
     Args:
         input_path: one study folder, a folder of studies (RSNA ``test_images``) or an RSNA root.
-        out_dir: output folder (created). Studies already done there with the same settings and
-            models are read back, not recomputed.
-        stage1: a stage 1 run directory or ``.keras`` file (default: the newest under ``runs``),
-            or a loaded :class:`Stage1Model`.
-        stage2: a detection run directory, ``.onnx`` or ``.pt`` (default: the newest under
-            ``runs``), or a loaded :class:`Stage2Model`.
+        out_dir: output folder: new, or written by an earlier ``predict``. Studies already done
+            there with the same settings and models (by content) are read back, not recomputed.
+        stage1: a stage 1 run directory or ``.keras`` file (default: the newest finished run
+            under ``runs``), or a loaded :class:`Stage1Model`.
+        stage2: a detection run directory, ``.onnx`` or ``.pt`` (default: the newest finished
+            run under ``runs``), or a loaded :class:`Stage2Model`.
         runs: where the defaults are looked for.
         config: :class:`PredictConfig`.
         labels: a ``train.csv`` (path or frame) to evaluate against (:func:`evaluate_predictions`).
-        limit: at most this many studies (sorted), for quick looks.
+        limit: at most this many studies (sorted; >= 1), for quick looks.
         progress: a progress bar over studies.
 
     Returns:
         The summary, also written to ``summary.json``.
+
+    Raises:
+        CSpineDataError: the input, the output folder or a model is unusable.
+        ValueError: ``limit`` < 1.
     """
     from tqdm.auto import tqdm
 
     from keras_cspine.config import dump_config, save_config
     from keras_cspine.io.rsna import submission_rows, write_submission
 
-    out = Path(out_dir)
-    studies = find_studies(input_path)[: limit or None]
-    stage1, stage2 = _load_models(stage1, stage2, runs, config)
-    out.mkdir(parents=True, exist_ok=True)
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        raise ValueError(f"limit must be an integer >= 1 (or None: every study), got {limit!r}")
+    out = Path(out_dir).absolute()
+    _check_out(out)
+    studies = find_studies(input_path, exclude=out)[: limit or None]
+    stage1, stage2, choice = _load_models(stage1, stage2, runs, config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CSpineDataError(out, f"cannot create the output folder: {err.strerror or err}") from err
     save_config(config, out / "predict_config.yaml")
-    models = {"stage1": stage1.describe(), "stage2": stage2.describe() if stage2 else None}
-    digest = hashlib.sha1(json.dumps([config.digest(), models], sort_keys=True, default=str)
-                          .encode()).hexdigest()[:12]  # fmt: skip
+    models = model_fingerprints(stage1, stage2)
+    digest = _settings_digest(config, models)
 
-    rows, table, errors, reports = [], [], [], {}
+    rows, table, errors, reports, warnings = [], [], [], {}, []
     totals = dict.fromkeys(STEPS, 0.0)
-    n_slices = n_gated = reused = 0
+    n_slices = n_gated = reused = redone = 0
+    seen: dict[str, str] = {}
+    public_input = str(Path(input_path).absolute())
+
+    def fail(name: StudyName, folder: Path, path: str, problem: str) -> None:
+        path, problem = name.redact(path, folder), name.redact(problem, folder)
+        errors.append({"StudyInstanceUID": name.uid or "", "path": path, "problem": problem})
+        _say(f"{name.uid or name.folder}: cannot be read: {path}: {problem}")
+        if name.uid is not None and name.uid not in seen:  # the submission stays complete
+            seen[name.uid] = name.folder
+            rows.extend(submission_rows(name.uid, config.prior()))
+            table.append({"StudyInstanceUID": name.uid, **config.prior(), "n_slices": 0,
+                          "n_gated": 0, "n_boxes": 0, "status": "failed"})  # fmt: skip
+
     bar = tqdm(studies, desc="predict", unit="study", disable=not progress)
     for folder in bar:
-        uid = folder.name
+        name = name_study(folder, read_study_uid(folder))
+        public_input = name.redact(public_input, folder)
+        if name.uid is None:
+            fail(name, folder, name.folder, "no valid StudyInstanceUID in its first DICOM file and "
+                 "the folder name is not a UID: it cannot be named in the submission; skipped")  # fmt: skip
+            continue
+        uid = name.uid
+        if uid in seen:
+            fail(name, folder, name.folder, f"StudyInstanceUID {uid} is also that of "
+                 f"{seen[uid]}, read first: one series per study; skipped")  # fmt: skip
+            continue
+        if name.warning:
+            warnings.append({"StudyInstanceUID": uid, "warning": name.warning})
         bar.set_postfix_str(uid[-12:])
         json_path = out / "studies" / f"{uid}.json"
         result = None
-        if json_path.is_file():
-            saved = json.loads(json_path.read_text(encoding="utf-8"))
+        saved = _read_saved(json_path) if json_path.is_file() else None
+        if saved is not None:
             if saved.get("settings_digest") == digest:
-                result = StudyResult.from_json(saved)
-                reused += 1
+                try:
+                    result = StudyResult.from_json(saved)
+                    reused += 1
+                except (KeyError, TypeError, ValueError):
+                    result = None
+            else:
+                redone += 1
+                if redone == 1:
+                    _say(f"{out / 'studies'} holds results made with other models or settings "
+                         f"({_what_changed(saved, config, models)}): those studies are redone")  # fmt: skip
         if result is None:
             try:
                 result = predict_study(folder, stage1, stage2, config, uid=uid)
             except CSpineDataError as err:
-                errors.append({"StudyInstanceUID": uid, "path": err.path or str(folder),
-                               "problem": err.problem})  # fmt: skip
-                print(f"[predict] {uid}: cannot be read: {err}", file=sys.stderr)
-                rows.extend(submission_rows(uid, config.prior()))
-                table.append({"StudyInstanceUID": uid, **config.prior(), "n_slices": 0,
-                              "n_gated": 0, "n_boxes": 0, "status": "failed"})  # fmt: skip
+                fail(name, folder, err.path or str(folder), err.problem)
                 continue
+            seen[uid] = name.folder
             if config.report != "none":
                 started = time.perf_counter()
                 reports[uid] = str(write_study_report(
@@ -273,8 +459,10 @@ def predict(
                     threshold=config.presence_threshold))  # fmt: skip
                 result.timings["report"] = time.perf_counter() - started
             write_json(json_path, {**result.to_json(config.presence_threshold),
-                                   "settings_digest": digest, "models": models})  # fmt: skip
+                                   "settings_digest": digest, "config_digest": config.digest(),
+                                   "models": models})  # fmt: skip
         else:
+            seen[uid] = name.folder
             existing = out / "reports" / uid / ("report.md" if config.report == "markdown"
                                                  else "report.html")  # fmt: skip
             if existing.is_file():
@@ -298,22 +486,25 @@ def predict(
         files["errors"] = str(out / "errors.csv")
     if reports:
         files["index"] = str(write_index(table, reports, out))
-    ok = len(table) - len(errors)
+    ok = len(table) - sum(row["status"] == "failed" for row in table)
     summary: dict[str, Any] = {
-        "input": str(input_path),
+        "input": public_input,
         "out": str(out),
-        "n_studies": len(table),
+        "n_studies": len(studies),
         "n_ok": ok,
         "n_failed": len(errors),
         "n_reused": reused,
+        "n_redone": redone,
         "n_slices": n_slices,
         "n_gated": n_gated,
         "gated_fraction": round(n_gated / n_slices, 4) if n_slices else None,
         "seconds": {k: round(v, 3) for k, v in totals.items()},
         "seconds_per_study": round(sum(totals.values()) / ok, 3) if ok else None,
         "models": models,
+        "model_choice": choice,
         "config": dump_config(config),
         "errors": errors,
+        "warnings": warnings,
         "reports": reports,
         "files": files,
     }

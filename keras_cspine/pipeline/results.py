@@ -108,15 +108,19 @@ class StudyResult:
     """Everything found in one study (JSON-able by :meth:`to_json`, plus report images).
 
     Attributes:
-        uid: the study's name (its folder name: the RSNA StudyInstanceUID).
-        folder: the series folder.
+        uid: the study's name: the StudyInstanceUID of its DICOM (its folder name only when
+            the DICOM has none).
+        folder: the series folder; when its name is not ``uid`` (it may be a patient's name),
+            its parent folder with the name withheld.
         slice_numbers, positions_mm: per slice, in series order (superior first).
         probabilities: ``(Z, 7)`` stage 1 C1..C7 presence.
         gated: ``(Z,)`` slices stage 2 ran on.
         boxes: the assigned stage 2 boxes.
         fracture: C1..C7 and ``patient_overall`` fracture probabilities.
         timings: seconds per step.
-        info: geometry and header facts (rows, columns, spacing, head_first, DICOM UID).
+        info: geometry and header facts (rows, columns, spacing, head_first, DICOM UID), where
+            the name came from (``study_uid_source``) and ``warnings`` (e.g. a folder named
+            by another UID than its DICOM's).
         sagittal: uint8 ``(Z, rows)`` sagittal bone-window projection through the spine.
         key_slices: slice number -> uint8 bone-window native slice, for the strongest boxes.
     """

@@ -53,6 +53,13 @@ def _stage1_settings(run_dir: Path) -> dict[str, Any]:
     splits = run_dir / runs.SPLITS_FILE
     prepared = json.loads(splits.read_text(encoding="utf-8")).get("prepared") if (
         splits.is_file()) else None  # fmt: skip
+    if prepared and not Path(prepared).is_absolute():
+        # an old run recorded the path as typed: relative to a working directory long gone
+        raise CSpineDataError(
+            run_dir, f"the run has no {runs.PREPROCESSING_FILE} and records its training data as "
+            f"the relative path {prepared!r}, which the run alone cannot locate; pass mode= and "
+            f"render_size= to Stage1Model.load, or retrain",
+        )  # fmt: skip
     prepare_json = Path(prepared) / "prepare.json" if prepared else None
     if prepare_json is None or not prepare_json.is_file():
         raise CSpineDataError(
@@ -69,6 +76,60 @@ def _stage1_settings(run_dir: Path) -> dict[str, Any]:
     settings["mode"] = prep.get("mode", data.get("prepare_mode"))
     settings["render_size"] = prep.get("size")
     return {k: v for k, v in settings.items() if v is not None}
+
+
+#: What a stage 1 model must be, in the words of the errors that refuse one.
+EXPECTED = (f"a stage 1 classifier: inputs 'image' (N, S, S, 3) and/or 'metadata' (N, F), one "
+            f"output of {len(VERTEBRAE)} sigmoids (C1..C7)")  # fmt: skip
+
+
+def classifier_inputs(model) -> dict[str, Any]:
+    """The named symbolic inputs of a stage 1 model; a ``ValueError`` saying what is expected
+    when it is not one (a single unnamed input counts as ``image``)."""
+    try:
+        inputs = model.input
+    except (AttributeError, ValueError):  # a subclassed or never-called model
+        inputs = getattr(model, "inputs", None)
+    if isinstance(inputs, list | tuple) and len(inputs) == 1:
+        inputs = inputs[0]
+    if isinstance(inputs, list | tuple):
+        names = [getattr(t, "name", None) for t in inputs]
+        if len(set(names)) != len(names) or not set(names) <= {"image", "metadata"}:
+            raise ValueError(f"has inputs named {names}; expected {EXPECTED}")
+        inputs = dict(zip(names, inputs))
+    elif inputs is not None and not isinstance(inputs, dict):
+        inputs = {"metadata" if getattr(inputs, "name", None) == "metadata" else "image": inputs}
+    if not inputs:
+        raise ValueError(f"has no symbolic inputs (not a functional Keras model); expected "
+                         f"{EXPECTED}")  # fmt: skip
+    unknown = sorted(set(inputs) - {"image", "metadata"})
+    if unknown:
+        raise ValueError(f"has unknown inputs {unknown}; expected {EXPECTED}")
+    if "image" in inputs:
+        shape = tuple(inputs["image"].shape)
+        if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
+            raise ValueError(f"its 'image' input has shape {shape}; expected {EXPECTED}")
+    if "metadata" in inputs and len(tuple(inputs["metadata"].shape)) != 2:
+        raise ValueError(f"its 'metadata' input has shape {tuple(inputs['metadata'].shape)}; "
+                         f"expected {EXPECTED}")  # fmt: skip
+    return dict(inputs)
+
+
+def check_classifier_output(model) -> None:
+    """A ``ValueError`` unless the model has one output of 7 sigmoids."""
+    outputs = list(getattr(model, "outputs", None) or [])
+    if len(outputs) != 1:
+        raise ValueError(f"has {len(outputs)} outputs; expected {EXPECTED}")
+    shape = tuple(outputs[0].shape)
+    if len(shape) != 2 or shape[1] != len(VERTEBRAE):
+        raise ValueError(f"its output has shape {shape}; expected {EXPECTED}")
+    history = getattr(outputs[0], "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    activation = getattr(getattr(layer, "activation", None), "__name__", None)
+    if activation != "sigmoid":
+        name = getattr(layer, "name", "?")
+        raise ValueError(f"its output layer {name!r} has activation {activation or 'none'}; "
+                         f"expected {EXPECTED}")  # fmt: skip
 
 
 class Stage1Model:
@@ -96,11 +157,12 @@ class Stage1Model:
         if mode not in (*MODES, *WINDOW_MODES):
             raise ValueError(f"mode must be one of {sorted({*MODES, *WINDOW_MODES})}, got {mode!r}")
         self.model = model
-        inputs = model.input if isinstance(model.input, dict) else {"image": model.input}
+        try:
+            inputs = classifier_inputs(model)
+            check_classifier_output(model)
+        except ValueError as err:
+            raise ValueError(f"stage 1 model {source} {err}") from None
         self.input_names = tuple(inputs)
-        unknown = set(self.input_names) - {"image", "metadata"}
-        if unknown:
-            raise ValueError(f"stage 1 model has unknown inputs {sorted(unknown)}")
         self.image_size = int(inputs["image"].shape[1]) if "image" in inputs else None
         self.render_size = int(render_size or self.image_size or 0) or None
         self.mode = mode
@@ -116,6 +178,9 @@ class Stage1Model:
                 f"{len(self.metadata_columns)} columns are configured: {self.metadata_columns}"
             )
         self.source = source
+        #: The files the model was read from (``model``, ``preprocessing``, ``level_decoder``,
+        #: ``sequence_model``: absolute paths), set by :meth:`load`; empty for a model in memory.
+        self.files: dict[str, str] = {}
         self.level_decoder = level_decoder
         self.sequence_model = sequence_model
         self._feature_model = None
@@ -147,7 +212,7 @@ class Stage1Model:
         from keras_cspine.stage1.level_decoding import LevelDecoder
         from keras_cspine.stage1.sequence_model import load_sequence_model
 
-        path = Path(path)
+        path = Path(path).absolute()
         model_path = path / runs.MODEL_FILE if path.is_dir() else path
         if not model_path.is_file():
             raise CSpineDataError(model_path, "stage 1 model not found (a run directory with "
@@ -155,25 +220,42 @@ class Stage1Model:
         settings = {} if mode and render_size else _stage1_settings(model_path.parent)
         try:
             model = keras.saving.load_model(model_path)
-        except (ValueError, OSError, TypeError) as err:
-            raise CSpineDataError(model_path, f"not a loadable Keras model: {err}") from err
+        except Exception as err:  # noqa: BLE001 - a damaged zip raises BadZipFile, KeyError...
+            raise CSpineDataError(model_path, f"not a loadable Keras model: "
+                                              f"{type(err).__name__}: {err}") from err  # fmt: skip
+        try:
+            inputs = classifier_inputs(model)
+            check_classifier_output(model)
+        except ValueError as err:
+            raise CSpineDataError(model_path, f"not a stage 1 model: it {err}") from None
         recorded_size = settings.get("image_size")
-        inputs = model.input if isinstance(model.input, dict) else {"image": model.input}
         if recorded_size and "image" in inputs and int(inputs["image"].shape[1]) != recorded_size:
             raise CSpineDataError(model_path, f"takes {inputs['image'].shape[1]} px images but its "
                                   f"run recorded {recorded_size} px: the model was replaced "
                                   f"after training")  # fmt: skip
         decoder_path = model_path.parent / runs.LEVEL_DECODER_FILE
         sequence_path = model_path.parent / runs.SEQUENCE_MODEL_FILE
-        return cls(
-            model, mode=mode or settings.get("mode", "bone"),
-            render_size=render_size or settings.get("render_size"),
-            metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
-            metadata_scale=settings.get("metadata_scale"), source=str(model_path),
-            level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
-            sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
-                            else None),
-        )  # fmt: skip
+        preprocessing_path = model_path.parent / runs.PREPROCESSING_FILE
+        try:
+            loaded = cls(
+                model, mode=mode or settings.get("mode", "bone"),
+                render_size=render_size or settings.get("render_size"),
+                metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
+                metadata_scale=settings.get("metadata_scale"), source=str(model_path),
+                level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
+                sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
+                                else None),
+            )  # fmt: skip
+        except CSpineDataError:
+            raise
+        except ValueError as err:  # the model and its run disagree (metadata, sequence model)
+            raise CSpineDataError(model_path, str(err)) from None
+        loaded.files = {"model": str(model_path)}
+        for role, file in (("preprocessing", preprocessing_path),
+                           ("level_decoder", decoder_path), ("sequence_model", sequence_path)):
+            if file.is_file() and (role != "preprocessing" or settings):
+                loaded.files[role] = str(file)
+        return loaded
 
     def describe(self) -> dict[str, Any]:
         """The settings, for logs and JSON."""
@@ -181,6 +263,7 @@ class Stage1Model:
             "source": self.source, "inputs": list(self.input_names), "mode": self.mode,
             "render_size": self.render_size, "image_size": self.image_size,
             "metadata_columns": list(self.metadata_columns),
+            "metadata_scale": dict(self.metadata_scale),
             "level_decoder": self.level_decoder is not None,
             "sequence_model": self.sequence_model is not None,
         }  # fmt: skip

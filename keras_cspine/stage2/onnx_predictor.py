@@ -13,6 +13,8 @@ Ultralytics' own:
 4. boxes back to the input image, then, with :meth:`OnnxDetector.predict_slice`, to the native
    slice pixel grid of the DICOM (``x, y, width, height`` as in ``train_bounding_boxes.csv``).
 
+onnxruntime's telemetry is switched off (:func:`disable_telemetry`) before any session is made.
+
 Example:
     >>> detector = OnnxDetector("runs/detect/yolov8s/weights/best.onnx", conf=0.25)
     >>> found = detector.predict(rgb_uint8_image)        # boxes in image pixels
@@ -132,6 +134,17 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
+def disable_telemetry(ort=None) -> None:
+    """Turn off onnxruntime's telemetry events (on some platforms they go to
+    ``mobile.events.data.microsoft.com``); called before every ``InferenceSession``, so that
+    inference sends nothing anywhere."""
+    if ort is None:
+        import onnxruntime as ort
+    switch_off = getattr(ort, "disable_telemetry_events", None)
+    if switch_off is not None:  # onnxruntime >= 1.5; older builds had no telemetry switch
+        switch_off()
+
+
 class OnnxDetector:
     """A YOLO detector exported to ONNX, run with onnxruntime on CPU (or any provider given).
 
@@ -166,6 +179,7 @@ class OnnxDetector:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise CSpineDataError(self.model_path, "ONNX model file not found")
+        disable_telemetry(ort)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
