@@ -8,8 +8,10 @@ Steps:
   predict MODEL.onnx IMG  boxes with onnxruntime only (no torch in the process)
   table3 DATA --out OUT   train and evaluate YOLOv8s/m, YOLOv5s/m; write Table 3
 
-Ultralytics runs offline (see keras_cspine.stage2.offline); this module imports torch only in
-the steps that need it, and never TensorFlow.
+Ultralytics runs offline and safe (see keras_cspine.stage2.offline): a .pt is loaded only if it
+holds nothing but model classes (else "error: FILE: refuses to load ..."), YOLO label caches
+(labels/*.cache) are never read and data.yaml download scripts never run. This module imports
+torch only in the steps that need it, and never TensorFlow.
 """
 
 from __future__ import annotations

@@ -35,7 +35,13 @@ def _stage2_settings(weights: Path, metadata: Mapping[str, str]) -> dict[str, An
 
 
 def pt_to_onnx(weights: Path) -> Path:
-    """Export a YOLO ``.pt`` to ONNX beside it, in a subprocess (torch never enters this one)."""
+    """Export a YOLO ``.pt`` to ONNX beside it, in a subprocess (torch never enters this one).
+
+    The subprocess (``python -m keras_cspine detect onnx``) opens the ``.pt`` with
+    ``stage2.offline.safe_load_checkpoint``: a file that would run code is refused, and its
+    ``error:`` line becomes the ``CSpineDataError`` raised here.
+    """
+    weights = Path(weights)
     target = weights.with_suffix(".onnx")
     if target.is_file() and target.stat().st_mtime >= weights.stat().st_mtime:
         return target
@@ -47,6 +53,11 @@ def pt_to_onnx(weights: Path) -> Path:
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     if result.returncode != 0 or not target.is_file():
+        errors = [line[len("error: "):] for line in result.stderr.splitlines()
+                  if line.startswith("error: ")]  # fmt: skip
+        if errors:  # the command's one-line user error, e.g. a refused checkpoint
+            problem = errors[-1].removeprefix(f"{weights}: ")
+            raise CSpineDataError(weights, f"ONNX export failed: {problem}")
         raise CSpineDataError(weights, f"ONNX export failed: {result.stderr.strip()[-800:]}")
     return target
 

@@ -16,6 +16,11 @@ The paper trains YOLOv8s/m and YOLOv5s/m for 100 epochs on the fracture boxes. H
 Note: Ultralytics' "YOLOv5" (``yolov5s.yaml``) is its anchor-free YOLOv5u variant (YOLOv5's
 backbone and neck with YOLOv8's decoupled, anchor-free head), not the original anchor-based one.
 
+Every ``.pt`` is opened by :func:`load_yolo` (``offline.safe_load_checkpoint``: no arbitrary
+unpickling; a file naming any other global is refused); the loads Ultralytics makes by itself
+(resume, validation after training) go through the same function, and label caches are never
+read (``offline.install_guards``).
+
 This module imports torch (through Ultralytics, always via ``offline.import_ultralytics``): run it
 in a process that has not imported TensorFlow, e.g. ``python -m keras_cspine detect ...``.
 """
@@ -36,7 +41,11 @@ import yaml
 
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.stage2 import metrics as dm
-from keras_cspine.stage2.offline import import_ultralytics
+from keras_cspine.stage2.offline import (
+    import_ultralytics,
+    preloaded_checkpoint,
+    safe_load_checkpoint,
+)
 from keras_cspine.stage2.yolo_dataset import (
     EXPORT_METADATA_KEY,
     export_image_settings,
@@ -138,6 +147,26 @@ class DetectTrainConfig:
     @property
     def display_name(self) -> str:
         return Path(self.weights).stem if self.weights else Path(self.model).stem
+
+
+def load_yolo(weights: str | os.PathLike, missing: str = "weights file not found"):
+    """An Ultralytics ``YOLO`` of a local ``.pt``, read by ``offline.safe_load_checkpoint``.
+
+    The checkpoint is loaded once, without unpickling anything outside the allow-list, and
+    handed to Ultralytics as loaded (it never reads the file itself). Never downloads.
+
+    Raises:
+        CSpineDataError: naming the file: ``missing`` (not found), or not a safe checkpoint.
+    """
+    weights = Path(weights).expanduser()
+    if not weights.is_file():  # Ultralytics would try to download a missing .pt: refuse
+        raise CSpineDataError(weights, missing)
+    import_ultralytics()
+    from ultralytics import YOLO
+
+    checkpoint = safe_load_checkpoint(weights)
+    with preloaded_checkpoint(weights, checkpoint):
+        return YOLO(str(weights))
 
 
 def resolve_data_yaml(data: str | os.PathLike) -> Path:
@@ -245,10 +274,7 @@ def validate_detector(
         raise CSpineDataError(weights, "weights file not found")
     data_yaml = resolve_data_yaml(data)
     out = Path(out_dir).resolve()
-    import_ultralytics()
-    from ultralytics import YOLO
-
-    model = YOLO(str(weights))
+    model = load_yolo(weights)
     imgsz = imgsz or int(model.overrides.get("imgsz") or 640)
     result = model.val(
         validator=_validator_class(), data=str(data_yaml), split=split, imgsz=imgsz, batch=batch,
@@ -333,13 +359,7 @@ def export_onnx(
     that the file alone tells ``pipeline.Stage2Model`` how to render slices for it, wherever it
     is copied.
     """
-    weights = Path(weights)
-    if not weights.is_file():
-        raise CSpineDataError(weights, "weights file not found")
-    import_ultralytics()
-    from ultralytics import YOLO
-
-    model = YOLO(str(weights))
+    model = load_yolo(weights)
     kwargs = {"format": "onnx", "simplify": False, "dynamic": False, "device": "cpu"}
     if imgsz:
         kwargs["imgsz"] = imgsz
@@ -374,10 +394,7 @@ def _build_model(config: DetectTrainConfig):
     from ultralytics import YOLO
 
     if config.weights:
-        weights = Path(config.weights).expanduser()
-        if not weights.is_file():  # Ultralytics would try to download a missing .pt: refuse
-            raise CSpineDataError(weights, "weights file not found (nothing is downloaded)")
-        return YOLO(str(weights))
+        return load_yolo(config.weights, "weights file not found (nothing is downloaded)")
     if config.model in MODEL_NAMES:
         return YOLO(f"{config.model}.yaml")
     path = Path(config.model).expanduser()
@@ -431,14 +448,12 @@ def train_detector(
     write_json(run_file, {**resolved, "trained": trained})
 
     import_ultralytics()
-    from ultralytics import YOLO
-
     started = time.time()
     last = out / "weights" / "last.pt"
     if trained:
         pass  # training finished earlier; only the evaluation below was interrupted
     elif last.is_file():
-        YOLO(str(last)).train(resume=True)
+        load_yolo(last).train(resume=True, data=str(data_yaml))
     else:
         model = _build_model(config)
         model.train(
