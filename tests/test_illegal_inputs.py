@@ -1,4 +1,5 @@
-"""Illegal inputs and what each gets: one line, ``error: <file>: <problem>``, exit code 2.
+"""Illegal inputs and what each gets: one line, ``error: <file>: <problem>``, exit code 2 (for a
+bad argument value, argparse's usage line and ``<prog>: error: argument ...``).
 
 The table :data:`CASES` is the source of the README's "Illegal inputs" table:
 ``python tests/test_illegal_inputs.py`` prints it, and :func:`test_readme_table_is_generated`
@@ -76,6 +77,17 @@ CASES: list[Case] = [
     Case("prediction from a stage 1 run folder without a model",
          lambda t: ["predict", str(t), "--out", str(t / "out"), "--stage1", str(t / "run")],
          "model.keras: stage 1 model not found", setup=_run_without_summary),
+    Case("prepare with no worker (`--workers 0`)",
+         lambda t: ["prepare", str(t), str(t / "out"), "--workers", "0"], "--workers"),
+    Case("an output folder that is a file",
+         lambda t: ["prepare", str(t / "data"), str(t / "out.txt")], "out.txt: ",
+         setup=lambda t: ((t / "data" / "train_images").mkdir(parents=True),
+                          (t / "out.txt").write_text("x"))),
+    Case("prediction into an output path that is a file",
+         lambda t: ["predict", str(t), "--out", str(t / "out.txt")], "out.txt: ",
+         setup=_file("out.txt")),
+    Case("prediction of at most zero studies (`--limit 0`)",
+         lambda t: ["predict", str(t), "--out", str(t / "out"), "--limit", "0"], "--limit"),
     Case("a YOLO export of a folder that is not in the RSNA layout",
          lambda t: ["detect", "export", str(t), str(t / "yolo")],
          "train_bounding_boxes.csv: file not found: the YOLO export needs fracture boxes",
@@ -105,9 +117,12 @@ def test_illegal_input_gets_one_line(case, caches, capsys):
     else:
         from keras_cspine.cli import main
 
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse: a usage line, then `<prog>: error: <problem>`
+            code = exit_.code
         err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    lines = [line for line in err.splitlines() if "error: " in line]
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert case.gets in lines[0], lines[0]
