@@ -236,13 +236,58 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path, slice_hu):
     np.testing.assert_array_equal(hu, slice_hu)
 
 
-def test_missing_rescale_tags_mean_identity(tmp_path, slice_hu):
-    # documented choice: no RescaleSlope / RescaleIntercept = the identity Modality LUT
+@pytest.mark.parametrize("decoder", ["auto", "pydicom"])
+def test_missing_rescale_tags_mean_identity(tmp_path, slice_hu, decoder):
+    # documented choice: no RescaleSlope / RescaleIntercept = the identity Modality LUT, recorded
     ds = ct_dataset(slice_hu + 1024, slope=None, intercept=None)
     assert "RescaleSlope" not in ds and "RescaleIntercept" not in ds
-    hu, meta = read_slice(save(ds, tmp_path / "1.dcm"))
+    hu, meta = read_slice(save(ds, tmp_path / "1.dcm"), decoder=decoder)
     assert (meta.rescale_slope, meta.rescale_intercept) == (1.0, 0.0)
     np.testing.assert_array_equal(hu, slice_hu + 1024)
+    assert meta.rescale_defaulted
+    assert meta.warnings == (dicom.RESCALE_SLOPE_DEFAULTED, dicom.RESCALE_INTERCEPT_DEFAULTED)
+
+
+@pytest.mark.parametrize(
+    "slope, intercept, expected",
+    [(None, -1024.0, (dicom.RESCALE_SLOPE_DEFAULTED,)),
+     (1.0, None, (dicom.RESCALE_INTERCEPT_DEFAULTED,)),
+     (1.0, -1024.0, ())],
+)  # fmt: skip
+def test_rescale_defaulted_is_recorded_per_tag(tmp_path, slice_hu, slope, intercept, expected):
+    ds = ct_dataset(slice_hu + (1024 if intercept is None else 0), slope=slope, intercept=intercept)
+    _, meta = read_slice(save(ds, tmp_path / "1.dcm"))
+    assert meta.warnings == expected and meta.rescale_defaulted == bool(expected)
+
+
+def test_series_meta_says_which_slices_had_rescale_defaulted(tmp_path):
+    write_series(tmp_path, phantom((5, 8, 8)) + 1024, slope=None, intercept=0.0)
+    meta = read_series_meta(tmp_path)
+    assert meta.rescale_defaulted
+    assert meta.warnings == (
+        f"{dicom.RESCALE_SLOPE_DEFAULTED} (5 of 5 slices: 1.dcm, 2.dcm, 3.dcm, ...)",
+    )
+    _, meta2 = read_series(tmp_path)
+    assert meta2.warnings == meta.warnings and meta2.slices == meta.slices
+
+
+def test_series_with_rescale_tags_has_no_warnings(tmp_path):
+    write_series(tmp_path, phantom((3, 8, 8)))
+    meta = read_series_meta(tmp_path)
+    assert meta.warnings == () and not meta.rescale_defaulted
+
+
+def test_modality_lut_sequence_without_rescale_is_refused(tmp_path, slice_hu):
+    from pydicom.dataset import Dataset
+
+    ds = ct_dataset(slice_hu + 1024, slope=None, intercept=None)
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 16]
+    lut.ModalityLUTType = "HU"
+    lut.LUTData = np.arange(256, dtype=np.uint16).tobytes()
+    ds.ModalityLUTSequence = [lut]
+    error = expect_read_error(save(ds, tmp_path / "1.dcm"))
+    assert "Modality LUT Sequence" in error.problem
 
 
 def test_single_slice_without_geometry_reads_with_nan_geometry(tmp_path, slice_hu):
@@ -352,7 +397,7 @@ def bad_garbage_codestream(tmp_path, hu):
     ds.PixelData = encapsulate([np.random.default_rng(1).bytes(600)])
     path = tmp_path / "1.dcm"
     ds.save_as(path)
-    return path, "cannot decode"
+    return path, "no complete JPEG Lossless.* frame header found"  # refused before decoding
 
 
 def bad_not_greyscale(tmp_path, hu):
@@ -365,6 +410,76 @@ def bad_missing_rows(tmp_path, hu):
     ds = ct_dataset(hu)
     del ds.Rows
     return save(ds, tmp_path / "1.dcm"), "missing Rows"
+
+
+# -- cases found by tests/test_fuzz_readers.py ----------------------------------------------
+def _patched(tmp_path, hu, old: bytes, new: bytes, syntax="explicit", **kwargs):
+    """A good file with the bytes ``old`` (found once) replaced by ``new``."""
+    data = _write_good(tmp_path, hu, syntax, **kwargs).read_bytes()
+    assert data.count(old) == 1, old
+    path = tmp_path / "1.dcm"
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+def bad_rows_multivalued(tmp_path, hu):
+    ds = ct_dataset(hu)
+    ds.add_new(0x00280010, "US", [48, 48])
+    return save(ds, tmp_path / "1.dcm"), "Rows is not a single whole number"
+
+
+def bad_rows_as_text(tmp_path, hu):
+    ds = ct_dataset(hu)
+    ds.add_new(0x00280010, "LO", "abc")
+    return save(ds, tmp_path / "1.dcm"), "Rows is not a single whole number"
+
+
+def bad_unknown_transfer_syntax(tmp_path, hu):
+    path = _patched(tmp_path, hu, b"1.2.840.10008.1.2.1\x00", b"1.2.3.4.5.6.7.8.9.10")
+    return path, "not a transfer syntax"
+
+
+def bad_pixel_data_vr(tmp_path, hu):
+    return _patched(tmp_path, hu, b"\xe0\x7f\x10\x00OW", b"\xe0\x7f\x10\x00XX"), "PixelData"
+
+
+def _huge_rescale(slope):
+    def make(tmp_path, hu):
+        ds = ct_dataset(hu)
+        ds.RescaleSlope = slope
+        return save(ds, tmp_path / "1.dcm"), "float32 range"
+
+    return make
+
+
+def bad_jpeg_without_huffman_tables(tmp_path, hu):
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(_write_good(tmp_path, hu, "jpeg_lossless"))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    at = frame.index(b"\xff\xc4")
+    frame = frame[:at] + frame[at + 2 + int.from_bytes(frame[at + 2 : at + 4], "big") :]
+    ds.PixelData = encapsulate([frame])
+    path = tmp_path / "1.dcm"
+    ds.save_as(path)
+    # the fuzzer's file had a corrupt DHT marker, on which python-gdcm aborted the interpreter
+    return path, "no complete JPEG Lossless.* frame header"
+
+
+def bad_jpeg_deeper_than_bits_allocated(tmp_path, hu):
+    ds = pydicom.dcmread(_write_good(tmp_path, hu, "jpeg_lossless"))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    path = tmp_path / "1.dcm"
+    ds.save_as(path)
+    return path, "16-bit samples, which do not fit BitsAllocated 8"
+
+
+def bad_jpeg_ls_columns(tmp_path, hu):
+    ds = pydicom.dcmread(pydicom_file("MR_small_jpeg_ls_lossless.dcm"))
+    ds.Columns = 4096  # python-gdcm aborts on this one
+    path = tmp_path / "1.dcm"
+    ds.save_as(path)
+    return path, r"codestream is 64 x 64 pixels but Rows x Columns say 64 x 4096"
 
 
 BAD_FILES = {
@@ -385,6 +500,15 @@ BAD_FILES = {
     "jpeg lossless, garbage codestream": bad_garbage_codestream,
     "RGB photometric": bad_not_greyscale,
     "missing Rows": bad_missing_rows,
+    "Rows multi-valued": bad_rows_multivalued,
+    "Rows as text": bad_rows_as_text,
+    "unknown TransferSyntaxUID": bad_unknown_transfer_syntax,
+    "PixelData with an unknown VR": bad_pixel_data_vr,
+    "RescaleSlope beyond float32": _huge_rescale("1e39"),
+    "RescaleSlope x stored values beyond float32": _huge_rescale("1e35"),
+    "jpeg lossless without Huffman tables": bad_jpeg_without_huffman_tables,
+    "jpeg lossless deeper than BitsAllocated": bad_jpeg_deeper_than_bits_allocated,
+    "jpeg-ls, Columns too large": bad_jpeg_ls_columns,
 }
 
 
@@ -394,6 +518,67 @@ def test_bad_file_raises_dicom_read_error(tmp_path, slice_hu, case, decoder):
     path, problem = BAD_FILES[case](tmp_path, slice_hu)
     error = expect_read_error(path, decoder=decoder)
     assert re.search(problem, error.problem), error.problem
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3's PanicException (pylibjpeg-rle panics on some corrupt RLE data)."""
+
+
+@pytest.mark.parametrize("raised, escapes", [(PanicException, False), (KeyboardInterrupt, True)])
+def test_decoder_panics_are_read_errors_but_interrupts_are_not(
+    tmp_path, slice_hu, monkeypatch, raised, escapes
+):
+    path = save(ct_dataset(slice_hu), tmp_path / "1.dcm", "rle")
+
+    def panic(self):
+        raise raised("index out of bounds")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(panic))
+    if escapes:
+        with pytest.raises(raised):
+            read_slice(path, decoder="pydicom")
+    else:
+        assert "index out of bounds" in expect_read_error(path, decoder="pydicom").problem
+
+
+def test_python_gdcm_is_the_last_resort(tmp_path, slice_hu, monkeypatch):
+    # python-gdcm, first in pydicom's order, aborts the interpreter on some corrupt codestreams
+    available = get_decoder(JPEG_LOSSLESS_SV1).available_plugins
+    if not {"gdcm", "pylibjpeg"} <= set(available):
+        pytest.skip(f"needs python-gdcm and pylibjpeg, found {available}")
+    asked = []
+    options = pydicom.dataset.Dataset.pixel_array_options
+
+    def spy(self, **kwargs):
+        asked.append(kwargs.get("decoding_plugin"))
+        return options(self, **kwargs)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array_options", spy)
+    hu, _ = read_slice(save(ct_dataset(slice_hu), tmp_path / "1.dcm", "jpeg_lossless"),
+                       decoder="pydicom")  # fmt: skip
+    np.testing.assert_array_equal(hu, slice_hu)
+    assert asked == ["pylibjpeg"]
+
+
+@needs_dicomsdl
+def test_dicomsdl_is_not_used_when_it_parses_the_header_differently(
+    tmp_path, slice_hu, monkeypatch
+):
+    # found by the fuzzer: dicomsdl segfaults asking for pixel data its own parser did not find
+    path = save(ct_dataset(slice_hu), tmp_path / "1.dcm", "jpeg_lossless")
+    layout = dicom._pixel_layout
+
+    def elsewhere(ds, path, syntax):  # as if pydicom had found PixelData elsewhere
+        found = layout(ds, path, syntax)
+        return dicom.dataclasses.replace(found, pixel_offset=found.pixel_offset + 2)
+
+    def refuse(sdl):
+        raise AssertionError("dicomsdl decoded pixel data it disagrees on")
+
+    monkeypatch.setattr(dicom, "_pixel_layout", elsewhere)
+    monkeypatch.setattr(dicom, "_decode_dicomsdl", refuse)
+    hu, _ = read_slice(path, decoder="dicomsdl")
+    np.testing.assert_array_equal(hu, slice_hu)
 
 
 def test_missing_file_is_a_dicom_read_error(tmp_path):

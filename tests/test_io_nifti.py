@@ -144,6 +144,13 @@ BAD = {
     "2-D": (lambda g, s: (rsna_nifti_data(s)[:, :, 0], rsna_nifti_affine(g)), "3-D"),
     "singular affine": (lambda g, s: (rsna_nifti_data(s), np.diag([1.0, 1.0, 0.0, 1.0])),
                         "unusable affine"),
+    # found by tests/test_fuzz_readers.py
+    "affine beyond a kilometre": (lambda g, s: (rsna_nifti_data(s), np.diag([1.0, 1.0, 1e30, 1.0])),
+                                  "unusable affine"),
+    "two array axes along one direction": (
+        lambda g, s: (rsna_nifti_data(s), np.array([[1e6, 1e6, 0, 0], [0, 1e-10, 0, 0],
+                                                    [0, 0, 1e6, 0], [0, 0, 0, 1.0]])),
+        "three distinct patient axes"),
 }  # fmt: skip
 
 
@@ -173,6 +180,37 @@ def test_unreadable_file(tmp_path, content):
     with pytest.raises(SegmentationError, match="cannot read NIfTI") as info:
         align_segmentation(bad, meta)
     assert info.value.path == str(bad)
+
+
+def _with_dim(nii, axis: int, size: int) -> bytes:
+    """The bytes of ``nii`` with header dim[axis] set to ``size`` (the data left as is)."""
+    import nibabel as nib
+
+    raw = nii.read_bytes()
+    header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(raw[:348]))
+    header.structarr["dim"][axis] = size
+    return header.binaryblock + raw[348:]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_header_announcing_more_data_than_the_file_holds(tmp_path, compressed):
+    # found by the fuzzer: nibabel zero-fills a buffer of the announced size (7 GB here) before
+    # it finds the file too short; the size is now checked before any data is read
+    _, _, nii, meta = make_study(tmp_path)
+    raw = _with_dim(nii, 3, 32767)
+    bad = tmp_path / ("big.nii.gz" if compressed else "big.nii")
+    bad.write_bytes(gzip.compress(raw) if compressed else raw)
+    with pytest.raises(SegmentationError, match="header announces shape") as info:
+        align_segmentation(bad, meta)
+    assert info.value.path == str(bad)
+
+
+def test_gz_name_without_gzip_content(tmp_path):
+    _, _, nii, meta = make_study(tmp_path)
+    bad = tmp_path / "plain.nii.gz"
+    bad.write_bytes(nii.read_bytes())
+    with pytest.raises(SegmentationError, match="not a gzip file|not gzip-compressed"):
+        align_segmentation(bad, meta)
 
 
 def test_missing_file(tmp_path):

@@ -62,6 +62,13 @@ BAD_CSVS = [
     ("test.csv", rsna.read_test_csv, f"row_id,StudyInstanceUID,prediction_type\n{UID}_C8,{UID},C8\n", "prediction_type|row_id"),
     ("sample_submission.csv", rsna.read_submission, f"row_id,fractured\n{UID}_C1,1.5\n", "maximum"),
     ("sample_submission.csv", rsna.read_submission, "", "not a readable CSV"),
+    # found by tests/test_fuzz_readers.py: non-finite and out-of-range numbers
+    ("sample_submission.csv", rsna.read_submission, f"row_id,fractured\n{UID}_C1,nan\n", "missing value"),
+    ("train_bounding_boxes.csv", rsna.read_bounding_boxes, BOX_HEADER + f"{UID},inf,10,5,5,3\n", "'x'.*not a finite number"),
+    ("train_bounding_boxes.csv", rsna.read_bounding_boxes, BOX_HEADER + f"{UID},1,1,5,5,1e400\n", "'slice_number'.*not a finite number"),
+    ("train_bounding_boxes.csv", rsna.read_bounding_boxes, BOX_HEADER + f"{UID},1,1,5,5,1e19\n", "'slice_number'.*too large"),
+    ("train_bounding_boxes.csv", rsna.read_bounding_boxes, BOX_HEADER + f"{UID},1,1,5,5,9223372036854775808\n", "too large"),
+    ("train.csv", rsna.read_train_csv, TRAIN_HEADER + f"{UID},-inf,0,0,0,0,0,0,0\n", "'patient_overall'.*not a finite number"),
 ]  # fmt: skip
 
 
@@ -71,6 +78,13 @@ def test_bad_csvs_are_named(tmp_path, name, reader, content, message):
     with pytest.raises(CsvSchemaError, match=message) as info:
         reader(path)
     assert str(path) in str(info.value)
+
+
+def test_whole_numbers_up_to_2_53_are_exact_integers(tmp_path):
+    path = write(tmp_path, "train_bounding_boxes.csv",
+                 BOX_HEADER + f"{UID},1,1,5,5,{2**53}\n{UID},1,1,5,5,3.0\n")  # fmt: skip
+    frame = rsna.read_bounding_boxes(path)
+    assert frame.slice_number.tolist() == [2**53, 3] and frame.slice_number.dtype == "int64"
 
 
 def test_missing_csv_is_named(tmp_path):

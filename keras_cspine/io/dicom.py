@@ -8,7 +8,10 @@ job with the care the data needs (the decoders below are this package's choice):
 - **Hounsfield units**: stored values -> ``value * RescaleSlope + RescaleIntercept`` as float32.
   A missing RescaleSlope / RescaleIntercept means the identity (slope 1, intercept 0), which is
   what the DICOM Modality LUT prescribes when neither the tags nor a Modality LUT Sequence are
-  present. ``MONOCHROME1`` slices are inverted over the BitsStored range first, so that larger
+  present; the slice is still read, and ``SliceMeta.warnings`` / ``SeriesMeta.warnings`` say so
+  (a CT Image must carry both tags, so the HU of such a slice rest on an assumption). A slice with
+  a Modality LUT Sequence instead of the tags is refused (this reader does not apply LUTs).
+  ``MONOCHROME1`` slices are inverted over the BitsStored range first, so that larger
   always means denser.
 - **Compressed transfer syntaxes**: JPEG lossless (1.2.840.10008.1.2.4.57/.70, about a third of the
   RSNA studies), JPEG 2000, RLE and the others pydicom supports. ``decoder="auto"`` uses dicomsdl
@@ -16,9 +19,16 @@ job with the care the data needs (the decoders below are this package's choice):
   for the syntaxes it handles, and pydicom otherwise. A slice with no usable decoder raises an
   error naming the file, the transfer syntax and the package to install.
 - **Validation before decoding**: every file is parsed with pydicom first; the pixel data length
-  (native syntaxes) or the codestream's own size (JPEG, JPEG 2000) is checked against
-  Rows x Columns. This gives clear errors for truncated or inconsistent files, and it is also what
-  makes dicomsdl safe to use: it crashes the interpreter on such files instead of raising.
+  (native syntaxes) or the codestream's own header (JPEG, JPEG-LS, JPEG 2000, HTJ2K: size,
+  components, bit depth, and for JPEG the marker segments up to the first scan) is checked against
+  Rows x Columns x BitsAllocated. This gives clear errors for truncated or inconsistent files, and
+  it is also what makes the native decoders safe to use: dicomsdl and python-gdcm crash the
+  interpreter on such files instead of raising. dicomsdl, which parses the header itself, decodes
+  only when it finds the pixel data where pydicom found and checked it; pydicom's plugins are
+  tried with python-gdcm last (only when nothing else decodes the syntax), and a panic of a Rust
+  decoder is reported like any other decoding error. Every corrupt file ends in a
+  DicomReadError naming it (``tests/test_fuzz_readers.py`` checks this on thousands of mutated
+  files).
 - **Series geometry**: slices are ordered by their position along the slice normal (the cross
   product of the ImageOrientationPatient direction cosines), never by file number or
   InstanceNumber. The series order is superior -> inferior (docs/internals.md); the LPS affine of
@@ -46,6 +56,8 @@ from keras_cspine.errors import DicomReadError, MissingDependencyError
 
 __all__ = [
     "DECODERS",
+    "RESCALE_INTERCEPT_DEFAULTED",
+    "RESCALE_SLOPE_DEFAULTED",
     "SeriesMeta",
     "SliceMeta",
     "dicomsdl_available",
@@ -67,6 +79,14 @@ _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _NATIVE_LE = frozenset({_IMPLICIT_LE, _EXPLICIT_LE})
 _JPEG_LOSSLESS = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"})
 _JPEG_2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+_JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+#: syntaxes whose codestream header is checked against the DICOM header before decoding: JPEG
+#: (baseline, extended, lossless), JPEG-LS, JPEG 2000 and HTJ2K. A decoder fed a codestream
+#: larger or deeper than Rows x Columns x BitsAllocated can write past its buffer: python-gdcm
+#: aborts the interpreter on such files, dicomsdl crashes.
+_JPEG_FAMILY = _JPEG_LOSSLESS | _JPEG_LS | {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
+_J2K_FAMILY = _JPEG_2000 | {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                            "1.2.840.10008.1.2.4.203"}  # fmt: skip
 #: transfer syntaxes handed to dicomsdl (checked bit-identical to pydicom in the tests). RLE is
 #: left to pydicom: dicomsdl mis-handles some RLE files and gains nothing there. Only 16-bit data
 #: (every CT) goes to dicomsdl: its 8-bit JPEG decoder returns garbage on the first call in a
@@ -84,6 +104,12 @@ _INSTALL_HINTS = {
     "1.2.840.10008.1.2.5": ("pylibjpeg-rle", "numpy (pydicom's own RLE decoder)"),
 }
 
+#: entries of ``SliceMeta.warnings`` for a slice without RescaleSlope / RescaleIntercept
+RESCALE_SLOPE_DEFAULTED = "RescaleSlope missing: taken as 1"
+RESCALE_INTERCEPT_DEFAULTED = "RescaleIntercept missing: taken as 0"
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _NUMERIC_NAME = re.compile(r"^\d+$")
 _PIXEL_DATA_TAG = 0x7FE00010
@@ -98,6 +124,11 @@ class SliceMeta:
 
     Geometry fields hold NaN when the tag is absent; :func:`read_slice` tolerates that,
     :func:`read_series_meta` does not.
+
+    ``warnings`` (the last field, empty by default) lists what was assumed to read the slice, in
+    words: :data:`RESCALE_SLOPE_DEFAULTED` and/or :data:`RESCALE_INTERCEPT_DEFAULTED` when the
+    tag is missing and 1 / 0 was used (the DICOM default; a CT Image should carry both tags).
+    :attr:`rescale_defaulted` tells whether either was.
     """
 
     path: str
@@ -115,6 +146,12 @@ class SliceMeta:
     rescale_intercept: float
     photometric_interpretation: str
     transfer_syntax_uid: str
+    warnings: tuple[str, ...] = ()  # assumptions made to read the slice (see the docstring)
+
+    @property
+    def rescale_defaulted(self) -> bool:
+        """True when RescaleSlope or RescaleIntercept was missing and taken as 1 or 0."""
+        return RESCALE_SLOPE_DEFAULTED in self.warnings or RESCALE_INTERCEPT_DEFAULTED in self.warnings
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,6 +168,10 @@ class SeriesMeta:
         normal: unit slice normal in LPS, oriented superior (positive z component).
         head_first: True when file numbers increase going inferior (slice 1 at the top).
         affine: 4x4 LPS affine mapping (column, row, series index, 1) to millimetres.
+        warnings: the slices' ``SliceMeta.warnings``, one entry per kind with the number of
+            slices and the first file names, e.g. ``"RescaleSlope missing: taken as 1 (60 of 60
+            slices: 1.dcm, 2.dcm, 3.dcm, ...)"``; empty when nothing was assumed. For a study's
+            record; :attr:`rescale_defaulted` tells whether any slice had its rescale defaulted.
     """
 
     folder: str
@@ -142,6 +183,12 @@ class SeriesMeta:
     normal: np.ndarray
     head_first: bool
     affine: np.ndarray
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def rescale_defaulted(self) -> bool:
+        """True when some slice had RescaleSlope or RescaleIntercept missing (taken as 1 / 0)."""
+        return any(s.rescale_defaulted for s in self.slices)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -227,7 +274,21 @@ def _parse(path: Path, source: Any, *, stop_before_pixels: bool):
         raise DicomReadError(
             path, "no TransferSyntaxUID in the file meta information (truncated file?)"
         )
+    from pydicom.uid import UID
+
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if not syntax.is_transfer_syntax:
+        raise DicomReadError(
+            path, f"TransferSyntaxUID {_short(syntax)} is not a transfer syntax (corrupt file meta "
+            "information?)",
+        )  # fmt: skip
     return ds
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def _floats(ds, path: Path, keyword: str, count: int, *, required: bool) -> tuple[float, ...]:
@@ -241,9 +302,9 @@ def _floats(ds, path: Path, keyword: str, count: int, *, required: bool) -> tupl
     try:
         values = tuple(float(v) for v in items)
     except (TypeError, ValueError):
-        raise DicomReadError(path, f"{keyword} is not numeric: {value!r}") from None
+        raise DicomReadError(path, f"{keyword} is not numeric: {_short(value)}") from None
     if len(values) != count or not all(np.isfinite(values)):
-        raise DicomReadError(path, f"{keyword} must hold {count} finite numbers, got {value!r}")
+        raise DicomReadError(path, f"{keyword} must hold {count} finite numbers, got {_short(value)}")
     return values
 
 
@@ -262,9 +323,9 @@ def _number(ds, path: Path, keyword: str, default: float | None = None) -> float
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise DicomReadError(path, f"{keyword} is not a number: {value!r}") from None
+        raise DicomReadError(path, f"{keyword} is not a number: {_short(value)}") from None
     if not np.isfinite(number):
-        raise DicomReadError(path, f"{keyword} is not finite: {value!r}")
+        raise DicomReadError(path, f"{keyword} is not finite: {_short(value)}")
     return number
 
 
@@ -272,7 +333,13 @@ def _required_int(ds, path: Path, keyword: str) -> int:
     value = _get(ds, path, keyword)
     if value is None or value == "":
         raise DicomReadError(path, f"missing {keyword}: not an image slice, or a truncated header")
-    return int(value)
+    try:
+        number = float(value)  # a list of values (wrong multiplicity) or text raise here
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or number != int(number):
+        raise DicomReadError(path, f"{keyword} is not a single whole number: {_short(value)}")
+    return int(number)
 
 
 def _check_greyscale(ds, path: Path) -> str:
@@ -300,10 +367,11 @@ def _slice_meta(ds, path: Path, *, require_geometry: bool) -> SliceMeta:
     if rows < 1 or columns < 1:
         raise DicomReadError(path, f"empty image: Rows={rows}, Columns={columns}")
     photometric = _check_greyscale(ds, path)
-    slope = _number(ds, path, "RescaleSlope", 1.0)
-    if slope == 0:
-        raise DicomReadError(path, "RescaleSlope is 0")
-    intercept = _number(ds, path, "RescaleIntercept", 0.0)
+    slope = _number(ds, path, "RescaleSlope", None)
+    intercept = _number(ds, path, "RescaleIntercept", None)
+    notes = _rescale_notes(ds, path, slope, intercept)
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
     orientation = _floats(ds, path, "ImageOrientationPatient", 6, required=require_geometry)
     if require_geometry:
         row_cos, col_cos = np.asarray(orientation[:3]), np.asarray(orientation[3:])
@@ -317,9 +385,9 @@ def _slice_meta(ds, path: Path, *, require_geometry: bool) -> SliceMeta:
         raise DicomReadError(path, f"PixelSpacing must be positive, got {spacing}")
     return SliceMeta(
         path=str(path),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        study_uid=str(_get(ds, path, "StudyInstanceUID") or ""),
+        series_uid=str(_get(ds, path, "SeriesInstanceUID") or ""),
+        sop_uid=str(_get(ds, path, "SOPInstanceUID") or ""),
         instance_number=int(_number(ds, path, "InstanceNumber", 0)),
         rows=rows,
         columns=columns,
@@ -331,33 +399,68 @@ def _slice_meta(ds, path: Path, *, require_geometry: bool) -> SliceMeta:
         rescale_intercept=float(intercept),
         photometric_interpretation=photometric,
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        warnings=notes,
     )
 
 
-def _codestream_size(frame: bytes, syntax: str) -> tuple[int, int, int] | None:
-    """(rows, columns, components) declared by a JPEG or JPEG 2000 codestream, if found."""
-    if syntax in _JPEG_LOSSLESS or syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"):
+def _rescale_notes(ds, path: Path, slope: float | None, intercept: float | None) -> tuple[str, ...]:
+    """Check RescaleSlope / RescaleIntercept (None: absent); the notes for SliceMeta.warnings."""
+    if slope == 0:
+        raise DicomReadError(path, "RescaleSlope is 0")
+    if slope is not None and not _F32_TINY <= abs(slope) <= _F32_MAX:
+        raise DicomReadError(path, f"RescaleSlope {slope:g} is outside the float32 range of HU")
+    if intercept is not None and abs(intercept) > _F32_MAX:
+        raise DicomReadError(path, f"RescaleIntercept {intercept:g} is outside the float32 range")
+    notes = tuple(note for value, note in ((slope, RESCALE_SLOPE_DEFAULTED),
+                                           (intercept, RESCALE_INTERCEPT_DEFAULTED))
+                  if value is None)  # fmt: skip
+    if notes and _get(ds, path, "ModalityLUTSequence"):
+        raise DicomReadError(
+            path, "the stored values are mapped by a Modality LUT Sequence instead of "
+            "RescaleSlope/RescaleIntercept; this reader does not apply LUTs",
+        )  # fmt: skip
+    return notes
+
+
+def _codestream_size(frame: bytes, syntax: str) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, bits per sample) declared by a JPEG, JPEG-LS, JPEG 2000 or
+    HTJ2K codestream; None when no frame header is found."""
+    if syntax in _JPEG_FAMILY:
+        # walk the marker segments from SOI to the first scan (SOS): the frame header gives the
+        # size; a Huffman lossless frame also needs its tables (DHT) before the scan
+        markers = _SOF_MARKERS | {0xF7} if syntax in _JPEG_LS else _SOF_MARKERS  # F7: SOF55
         i = 2 if frame[:2] == b"\xff\xd8" else -1
-        while 0 <= i < len(frame) - 9:
+        size, huffman_tables = None, False
+        while 0 <= i < len(frame) - 3:
             if frame[i] != 0xFF:
                 return None
             marker = frame[i + 1]
             if marker == 0xFF:  # fill byte
                 i += 1
                 continue
-            if marker in _SOF_MARKERS:
+            length = int.from_bytes(frame[i + 2 : i + 4], "big")
+            if length < 2 or i + 2 + length > len(frame):
+                return None  # a segment running past the end: corrupt
+            if marker in markers and size is None and length >= 8:
                 rows = int.from_bytes(frame[i + 5 : i + 7], "big")
                 columns = int.from_bytes(frame[i + 7 : i + 9], "big")
-                return rows, columns, frame[i + 9]
-            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+                size = (rows, columns, frame[i + 9], frame[i + 4], marker)
+            elif marker == 0xC4:
+                huffman_tables = True
+            elif marker == 0xDA:  # SOS
+                if size is None or (size[4] in (0xC3, 0xC7) and not huffman_tables):
+                    return None
+                return size[:4]
+            i += 2 + length
         return None
-    if syntax in _JPEG_2000:
+    if syntax in _J2K_FAMILY:
         i = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ, also inside a JP2 wrapper
-        if i < 0 or len(frame) < i + 42:
+        if i < 0 or len(frame) < i + 43:
             return None
         x, y, x0, y0 = (int.from_bytes(frame[i + 8 + 4 * k : i + 12 + 4 * k], "big")
                         for k in range(4))  # fmt: skip
-        return y - y0, x - x0, int.from_bytes(frame[i + 40 : i + 42], "big")
+        components = int.from_bytes(frame[i + 40 : i + 42], "big")
+        return y - y0, x - x0, components, (frame[i + 42] & 0x7F) + 1
     return None
 
 
@@ -371,6 +474,8 @@ class _Layout:
     bits_stored: int
     signed: bool
     checked: bool = True  # pixel data size verified (else dicomsdl must not see it)
+    pixel_offset: int | None = None  # where pydicom found the PixelData value in the file
+    pixel_length: int = 0  # its length in bytes (native syntaxes) or of its fragments
 
 
 def _pixel_layout(ds, path: Path, syntax: str) -> _Layout:
@@ -389,9 +494,19 @@ def _pixel_layout(ds, path: Path, syntax: str) -> _Layout:
     stored_bits = int(_number(ds, path, "BitsStored", bits))
     if not 1 <= stored_bits <= bits:
         raise DicomReadError(path, f"BitsStored {stored_bits} does not fit BitsAllocated {bits}")
-    layout = _Layout(rows, columns, bits, stored_bits,
-                     int(_number(ds, path, "PixelRepresentation", 0)) == 1)  # fmt: skip
-    element = ds.get_item(_PIXEL_DATA_TAG)  # raw: no conversion, no copy
+    signed = int(_number(ds, path, "PixelRepresentation", 0)) == 1
+    try:
+        element = ds.get_item(_PIXEL_DATA_TAG)  # raw: no conversion, no copy
+    except Exception as err:  # noqa: BLE001 - pydicom converts lazily: a bad VR raises here
+        raise DicomReadError(path, f"PixelData cannot be read ({err})") from err
+    if not isinstance(element.value, bytes | bytearray):
+        raise DicomReadError(
+            path, f"PixelData is not a byte string (VR {getattr(element, 'VR', None)!s}): a "
+            "corrupt element header",
+        )  # fmt: skip
+    layout = _Layout(rows, columns, bits, stored_bits, signed,
+                     pixel_offset=getattr(element, "value_tell", None),
+                     pixel_length=len(element.value))  # fmt: skip
     from pydicom.uid import UID
 
     if not UID(syntax).is_encapsulated:
@@ -411,14 +526,26 @@ def _pixel_layout(ds, path: Path, syntax: str) -> _Layout:
     except Exception as err:  # noqa: BLE001 - malformed encapsulation
         raise DicomReadError(path, f"malformed encapsulated pixel data ({err})") from err
     size = _codestream_size(frame, syntax)
-    if size is not None and (size[0], size[1]) != (rows, columns):
+    if size is None:
+        if syntax in _JPEG_FAMILY or syntax in _J2K_FAMILY:
+            raise DicomReadError(
+                path, f"no complete {transfer_syntax_name(syntax)} frame header found in the "
+                "pixel data (corrupt or truncated codestream)",
+            )  # fmt: skip
+        return dataclasses.replace(layout, checked=False)  # RLE and others: not checked
+    if (size[0], size[1]) != (rows, columns):
         raise DicomReadError(
             path, f"the {transfer_syntax_name(syntax)} codestream is {size[0]} x {size[1]} "
             f"pixels but Rows x Columns say {rows} x {columns}",
         )  # fmt: skip
-    if size is not None and size[2] != 1:
+    if size[2] != 1:
         raise DicomReadError(path, f"the codestream has {size[2]} components, expected 1")
-    return layout if size is not None else dataclasses.replace(layout, checked=False)
+    if not 1 <= size[3] <= bits:
+        raise DicomReadError(
+            path, f"the codestream holds {size[3]}-bit samples, which do not fit BitsAllocated "
+            f"{bits}",
+        )  # fmt: skip
+    return layout
 
 
 def pydicom_decoder(path: str | os.PathLike, syntax: str):
@@ -446,26 +573,67 @@ def pydicom_decoder(path: str | os.PathLike, syntax: str):
     return decoder
 
 
+#: pydicom's decoding plugins in the order tried here (pydicom's own order puts python-gdcm first).
+#: python-gdcm is used only when no other plugin can decode the syntax: on some corrupt JPEG
+#: codestreams it aborts the interpreter (an uncaught C++ exception) instead of raising.
+_PLUGIN_ORDER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm")
+
+
 def _decode_pydicom(ds, path: Path, syntax: str) -> np.ndarray:
-    pydicom_decoder(path, syntax)
-    try:
-        return ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - decoder plugins raise anything
-        raise DicomReadError(
-            path, f"cannot decode {transfer_syntax_name(syntax)} pixel data "
-            f"({type(err).__name__}: {err})",
-        ) from err  # fmt: skip
+    available = tuple(pydicom_decoder(path, syntax).available_plugins)  # () when native
+    plugins = sorted(available, key=lambda p: (_PLUGIN_ORDER + (p,)).index(p))
+    if len(plugins) > 1 and "gdcm" in plugins:
+        plugins.remove("gdcm")
+    failures = []
+    for plugin in plugins or [""]:
+        try:
+            if plugin:
+                ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except BaseException as err:  # noqa: BLE001 - decoder plugins raise anything
+            if not (isinstance(err, Exception) or _is_rust_panic(err)):
+                raise  # KeyboardInterrupt, SystemExit and the like
+            failures.append((plugin, err))
+    why = "; ".join(f"{p + ': ' if p else ''}{type(e).__name__}: {e}" for p, e in failures)
+    raise DicomReadError(
+        path, f"cannot decode {transfer_syntax_name(syntax)} pixel data ({why})"
+    ) from failures[-1][1]
 
 
-def _open_dicomsdl(raw: bytes):
-    """dicomsdl's DataSet over ``raw`` (validated by :func:`_pixel_layout`), or None."""
+def _is_rust_panic(err: BaseException) -> bool:
+    """A panic of a Rust decoder (pylibjpeg-rle): pyo3's PanicException is a BaseException."""
+    return type(err).__name__ == "PanicException"
+
+
+def _open_dicomsdl(raw: bytes, layout: _Layout):
+    """dicomsdl's DataSet over ``raw`` (validated by :func:`_pixel_layout`), or None.
+
+    dicomsdl parses the file itself, and it crashes the interpreter when asked for pixel data it
+    did not find or that does not fit the header. So it is used only when it sees the pixel data
+    where pydicom found and checked it (same offset and length) with the same layout; a corrupt
+    header the two parsers read differently goes to pydicom.
+    """
+    if layout.pixel_offset is None:
+        return None
     try:
-        return _dicomsdl().open_memory(raw, copy_data=False)  # raw outlives the DataSet
+        sdl = _dicomsdl().open_memory(raw, copy_data=False)  # raw outlives the DataSet
+        element = sdl.getDataElement("PixelData")
+        info = sdl.getPixelDataInfo()
+        agrees = (
+            element.offset() == layout.pixel_offset
+            and (element.length() == layout.pixel_length or str(element.vr()).endswith("PIXSEQ"))
+            and (info["Rows"], info["Cols"]) == (layout.rows, layout.columns)
+            and (info["NumberOfFrames"], info["SamplesPerPixel"]) == (1, 1)
+            and (info["BitsAllocated"], info["BitsStored"]) == (layout.bits_allocated,
+                                                                 layout.bits_stored)
+            and bool(info["PixelRepresentation"]) == layout.signed
+        )  # fmt: skip
     except Exception:  # noqa: BLE001 - dicomsdl.DicomException and friends: pydicom takes over
         return None
+    return sdl if agrees else None
 
 
-def _slice_meta_dicomsdl(sdl, path: Path, syntax: str, photometric: str) -> SliceMeta | None:
+def _slice_meta_dicomsdl(sdl, ds, path: Path, syntax: str, photometric: str) -> SliceMeta | None:
     """SliceMeta from dicomsdl's already-parsed header (much cheaper than pydicom's value
     conversion); None on anything unusual, so that the pydicom path reports it."""
 
@@ -489,9 +657,10 @@ def _slice_meta_dicomsdl(sdl, path: Path, syntax: str, photometric: str) -> Slic
                     floats("ImageOrientationPatient", 6))  # fmt: skip
         if any(g is None for g in geometry):
             return None
-        slope = number("RescaleSlope", 1.0)
+        slope, intercept = number("RescaleSlope", None), number("RescaleIntercept", None)
         if slope == 0:
             return None
+        notes = _rescale_notes(ds, path, slope, intercept)
         return SliceMeta(
             path=str(path),
             study_uid=str(sdl.StudyInstanceUID or ""),
@@ -504,10 +673,11 @@ def _slice_meta_dicomsdl(sdl, path: Path, syntax: str, photometric: str) -> Slic
             image_position=geometry[1],
             image_orientation=geometry[2],
             slice_thickness=number("SliceThickness", None),
-            rescale_slope=slope,
-            rescale_intercept=number("RescaleIntercept", 0.0),
+            rescale_slope=1.0 if slope is None else slope,
+            rescale_intercept=0.0 if intercept is None else intercept,
             photometric_interpretation=photometric,
             transfer_syntax_uid=syntax,
+            warnings=notes,
         )
     except Exception:  # noqa: BLE001 - odd values: let pydicom parse and report them
         return None
@@ -525,6 +695,13 @@ def _stored_to_hu(stored: np.ndarray, layout: _Layout, meta: SliceMeta) -> np.nd
     """Stored values -> float32 HU: unused high bits, MONOCHROME1 inversion, rescale."""
     values = stored
     bits_stored = layout.bits_stored
+    reach = abs(meta.rescale_slope) * 2.0**bits_stored + abs(meta.rescale_intercept)
+    if reach > _F32_MAX:
+        raise DicomReadError(
+            meta.path, f"RescaleSlope {meta.rescale_slope:g} and RescaleIntercept "
+            f"{meta.rescale_intercept:g} take {bits_stored}-bit stored values beyond the float32 "
+            "range",
+        )  # fmt: skip
     if bits_stored < layout.bits_allocated:
         # keep the low BitsStored bits, sign-extended when signed (PS3.5 8.1.1); this also
         # undoes codecs that report signed data as unsigned (JPEG 2000 sign mismatch)
@@ -576,10 +753,10 @@ def read_slice(path: str | os.PathLike, *, decoder: str = "auto") -> tuple[np.nd
     meta = stored = None
     if (decoder != "pydicom" and syntax in _DICOMSDL_SYNTAXES and dicomsdl_available()
             and layout.checked and layout.bits_allocated == 16):  # fmt: skip
-        sdl = _open_dicomsdl(raw)
+        sdl = _open_dicomsdl(raw, layout)
         if sdl is not None:
             photometric = str(ds.PhotometricInterpretation).strip()
-            meta = _slice_meta_dicomsdl(sdl, path, syntax, photometric)
+            meta = _slice_meta_dicomsdl(sdl, ds, path, syntax, photometric)
             stored = _decode_dicomsdl(sdl) if meta is not None else None
     if meta is None:
         meta = _slice_meta(ds, path, require_geometry=False)
@@ -759,6 +936,20 @@ def series_from_slices(
         normal=normal,
         head_first=bool(numbers[0] <= numbers[-1]),
         affine=affine,
+        warnings=_series_warnings(slices),
+    )
+
+
+def _series_warnings(slices: Sequence[SliceMeta]) -> tuple[str, ...]:
+    """The slices' warnings, one entry per kind: how many slices, and the first file names."""
+    where: dict[str, list[str]] = {}
+    for sl in slices:
+        for note in sl.warnings:
+            where.setdefault(note, []).append(Path(sl.path).name)
+    return tuple(
+        f"{note} ({len(names)} of {len(slices)} slices: {', '.join(names[:3])}"
+        f"{', ...' if len(names) > 3 else ''})"
+        for note, names in where.items()
     )
 
 

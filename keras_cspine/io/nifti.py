@@ -35,6 +35,8 @@ __all__ = [
 CERVICAL_LABELS = (1, 2, 3, 4, 5, 6, 7)
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: largest affine entry accepted, in mm (a kilometre: anything beyond is a corrupt header)
+_MAX_AFFINE_MM = 1e6
 
 
 def load_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -42,8 +44,12 @@ def load_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     Labels must be whole numbers in 0..255 (a float file holding 0.0, 1.0, ... is accepted).
 
+    The voxel data the header announces is checked against what the file holds before any of it
+    is read, so that a corrupt dimension cannot make the reader allocate gigabytes.
+
     Raises:
-        SegmentationError: unreadable file, not 3-D, or labels that are not 0..255 integers.
+        SegmentationError: unreadable file, header and data of different sizes, not 3-D, or
+            labels that are not 0..255 integers.
     """
     import nibabel as nib
 
@@ -51,9 +57,12 @@ def load_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise SegmentationError(path, "segmentation file not found")
     try:
-        img = nib.load(os.fspath(path))
+        img = nib.load(os.fspath(path))  # the header only
+        _check_data_size(path, img)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
+    except SegmentationError:
+        raise
     except Exception as err:  # noqa: BLE001 - nibabel/gzip/numpy raise many types
         raise SegmentationError(
             path, f"cannot read NIfTI ({type(err).__name__}: {err})"
@@ -62,8 +71,14 @@ def load_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise SegmentationError(path, f"expected a 3-D label volume, got shape {data.shape}")
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise SegmentationError(path, f"unusable affine (singular or not finite):\n{affine}")
+    with np.errstate(all="ignore"):
+        usable = (np.isfinite(affine).all() and np.abs(affine).max() <= _MAX_AFFINE_MM
+                  and abs(np.linalg.det(affine[:3, :3])) >= 1e-9)  # fmt: skip
+    if not usable:
+        raise SegmentationError(
+            path, f"unusable affine (singular, not finite, or entries beyond "
+            f"{_MAX_AFFINE_MM:g} mm):\n{affine}",
+        )  # fmt: skip
     if data.dtype.kind == "f":
         if not np.isfinite(data).all():
             raise SegmentationError(path, "labels contain NaN or infinite values")
@@ -77,6 +92,44 @@ def load_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if low < 0 or high > 255:
         raise SegmentationError(path, f"labels must lie in 0..255, found {low}..{high}")
     return data.astype(np.uint8), affine
+
+
+def _check_data_size(path: Path, img) -> None:
+    """Refuse a header announcing more voxel data than the file holds (before reading it).
+
+    For a gzip file the size comes from its trailer (ISIZE: the uncompressed size modulo 2**32),
+    so more than 4 GiB of voxel data cannot be checked and is refused as implausible for a label
+    volume (an RSNA segmentation holds about 80 MB).
+    """
+    shape = tuple(int(n) for n in img.shape)
+    if any(n < 0 for n in shape):
+        raise SegmentationError(path, f"negative dimension in the header: shape {shape}")
+    dtype = img.get_data_dtype()
+    needed = img.header.get_data_offset() + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+        size = handle.seek(0, os.SEEK_END)
+        compressed = path.name.lower().endswith(".gz")
+        if compressed and head != b"\x1f\x8b":
+            raise SegmentationError(path, "named .gz but not gzip-compressed")
+        if compressed:
+            if size < 18:
+                raise SegmentationError(path, f"truncated gzip file ({size} bytes)")
+            handle.seek(-4, os.SEEK_END)
+            available = int.from_bytes(handle.read(4), "little")
+        else:
+            available = size
+    if compressed and needed >= 2**32:
+        raise SegmentationError(
+            path, f"the header announces shape {shape} of {dtype}: {needed} bytes, over 4 GiB "
+            "(a corrupt header?)",
+        )  # fmt: skip
+    if needed > available:
+        holds = f"{available} bytes uncompressed" if compressed else f"{available} bytes"
+        raise SegmentationError(
+            path, f"the header announces shape {shape} of {dtype} ({needed} bytes with the "
+            f"header), but the file holds {holds}: a truncated file or a corrupt header",
+        )  # fmt: skip
 
 
 def align_segmentation(
@@ -104,7 +157,14 @@ def align_segmentation(
     data, nii_affine = load_segmentation(path)
     z, y, x = series.shape
     series_ras = _LPS_TO_RAS @ series.affine  # (column, row, series index) -> RAS mm
-    transform = ornt_transform(io_orientation(nii_affine), io_orientation(series_ras))
+    nii_ornt = io_orientation(nii_affine)
+    if np.isnan(nii_ornt).any() or len(set(nii_ornt[:, 0].tolist())) != 3:
+        raise SegmentationError(
+            path, "the affine does not map the three array axes onto three distinct patient "
+            f"axes (too oblique or degenerate), so it cannot be matched to the series:\n"
+            f"{nii_affine}",
+        )  # fmt: skip
+    transform = ornt_transform(nii_ornt, io_orientation(series_ras))
     aligned = apply_orientation(data, transform)  # axes now (column, row, series index)
     if aligned.shape != (x, y, z):
         raise SegmentationError(

@@ -49,24 +49,39 @@ def load_layout() -> dict[str, Any]:
         return json.load(handle)
 
 
-def _column_problem(series: pd.Series, spec: dict[str, Any]) -> str | None:
-    """Check one column against a property schema (type, enum, range, pattern); None if fine."""
+#: integer cells beyond this are refused: float64 (what the checks compute in) holds every
+#: integer up to 2**53 exactly, and int64 (what the column becomes) cannot hold 1e19
+_MAX_EXACT_INT = 2**53
+
+
+def _first(bad) -> int:
+    return int(np.flatnonzero(np.asarray(bad, dtype=bool))[0])
+
+
+def _column_problem(series: pd.Series, spec: dict[str, Any]) -> tuple[str | None, pd.Series]:
+    """Check one column against a property schema (type, enum, range, pattern).
+
+    Returns ``(problem, values)``: the problem in words (None if fine) and the column converted
+    to the schema type (float64 for "integer" and "number" columns, str for "string" ones).
+    """
     kind = spec.get("type")
     values = series
     if values.isna().any():
-        first = int(np.flatnonzero(values.isna().to_numpy())[0])
-        return f"missing value in row {first + 2}"
+        return f"missing value in row {_first(values.isna()) + 2}", values
     if kind in ("integer", "number"):
-        numeric = pd.to_numeric(values, errors="coerce")
-        if numeric.isna().any():
-            first = int(np.flatnonzero(numeric.isna().to_numpy())[0])
-            return f"row {first + 2}: {values.iloc[first]!r} is not a number"
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        for bad, why in ((np.isnan(numbers), "is not a number"),
+                         (~np.isfinite(numbers), "is not a finite number")):  # fmt: skip
+            if bad.any():
+                first = _first(bad)
+                return f"row {first + 2}: {values.iloc[first]!r} {why}", values
         if kind == "integer":
-            frac = numeric.to_numpy(dtype=float) % 1 != 0
-            if frac.any():
-                first = int(np.flatnonzero(frac)[0])
-                return f"row {first + 2}: {values.iloc[first]!r} is not an integer"
-        values = numeric
+            for bad, why in ((numbers % 1 != 0, "is not an integer"),
+                             (np.abs(numbers) > _MAX_EXACT_INT, "is too large for an integer")):  # fmt: skip
+                if bad.any():
+                    first = _first(bad)
+                    return f"row {first + 2}: {values.iloc[first]!r} {why}", values
+        values = pd.Series(numbers, index=series.index)
     elif kind == "string":
         values = values.astype(str)
     checks = []
@@ -85,16 +100,17 @@ def _column_problem(series: pd.Series, spec: dict[str, Any]) -> str | None:
     for bad, why in checks:
         bad = np.asarray(bad, dtype=bool)
         if bad.any():
-            first = int(np.flatnonzero(bad)[0])
-            return f"row {first + 2}: {series.iloc[first]!r} {why}"
-    return None
+            first = _first(bad)
+            return f"row {first + 2}: {series.iloc[first]!r} {why}", values
+    return None, values
 
 
 def validate_frame(frame: pd.DataFrame, schema_name: str, path: str | os.PathLike) -> pd.DataFrame:
     """Validate a CSV's DataFrame against ``data_spec/<schema_name>.schema.json``.
 
     Returns a copy with columns cast to the schema's types (int64, float64, str) and in schema
-    order. Raises CsvSchemaError naming the file, the column, the row (1-based, header = 1) and the
+    order. Numbers must be finite (JSON has no NaN or infinity), integers whole and within
+    +-2**53 (exact in float64, and nothing like 1e19 that int64 cannot hold). Raises CsvSchemaError naming the file, the column, the row (1-based, header = 1) and the
     problem.
     """
     schema = load_schema(schema_name)
@@ -111,14 +127,14 @@ def validate_frame(frame: pd.DataFrame, schema_name: str, path: str | os.PathLik
     for column, spec in props.items():
         if column not in frame.columns:
             continue
-        problem = _column_problem(frame[column], spec)
+        problem, values = _column_problem(frame[column], spec)
         if problem:
             raise CsvSchemaError(path, f"column {column!r}: {problem}")
         kind = spec.get("type")
         if kind == "integer":
-            out[column] = pd.to_numeric(frame[column]).astype(np.int64)
+            out[column] = values.astype(np.int64)  # whole numbers within 2**53: exact
         elif kind == "number":
-            out[column] = pd.to_numeric(frame[column]).astype(np.float64)
+            out[column] = values.astype(np.float64)
         else:
             out[column] = frame[column].astype(str)
     return out.reset_index(drop=True)
