@@ -92,15 +92,29 @@ def test_summary_text_names_outputs_and_metrics():
     assert "/r/p/index.html" in text and "/r/p/submission.csv" in text
 
 
+DEMO_ARGS = ["--studies", "6", "--preset", "tiny", "--image-size", "32", "--stage1-epochs", "1",
+             "--detect-epochs", "1", "--detect-imgsz", "64", "--export-size", "64", "--workers",
+             "1", "--holdout-fraction", "0.34"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A tiny demo from the command line, under the network guard: ``(out, result, args)``."""
+    from helpers_offline import run_guarded
+
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "demo"
+    args = ["demo", "--out", str(out), *DEMO_ARGS]
+    result, violations = run_guarded(*args, workdir=root, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert violations == [], violations  # the demo opened no connection and looked up no name
+    return out, result, args
+
+
 @pytest.mark.slow
 @pytest.mark.detect
-def test_demo_end_to_end_and_resume(tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--studies", "6", "--preset", "tiny", "--image-size",
-            "32", "--stage1-epochs", "1", "--detect-epochs", "1", "--detect-imgsz", "64",
-            "--export-size", "64", "--workers", "1", "--holdout-fraction", "0.34"]  # fmt: skip
-    result = run_cli(*args, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_demo_end_to_end_and_resume(demo, tmp_path):
+    out, result, args = demo
     summary = json.loads((out / "summary.json").read_text())
     steps = ["synth", "split", "prepare", "look", "detect_export", "detect_train", "stage1",
              "predict"]  # fmt: skip
@@ -134,3 +148,89 @@ def test_demo_end_to_end_and_resume(tmp_path):
     again = run_cli(*args, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done earlier") == len(steps)
+
+
+#: Every command of the package, run on the demo's outputs (DIR: its folder; OUT: a scratch one).
+EVERY_COMMAND = [
+    ["synth", "OUT/synth", "--studies", "2", "--test-studies", "1", "--preset", "tiny",
+     "--workers", "1"],
+    ["prepare", "OUT/synth", "OUT/prep", "--size", "32", "--workers", "1"],
+    ["look", "OUT/prep", "OUT/look"],
+    ["train", "DIR/prepared", "--run-dir", "OUT/stage1", "--quiet", "--set", "train.epochs=1",
+     "--set", "data.image_size=32", "--set", "sequence.epochs=1",
+     "--set", "model.options={backbone_kwargs: {embed_dim: 8, depths: [1, 1, 1, 1], "
+     "num_heads: [1, 1, 1, 1], window_size: [4, 2, 1, 1]}}"],
+    ["evaluate", "DIR/stage1"],
+    ["detect", "export", "DIR/split/dev", "OUT/yolo", "--size", "64"],
+    ["detect", "train", "DIR/yolo", "--out", "OUT/detect", "--model", "yolov8n",
+     "--epochs", "1", "--imgsz", "64", "--batch", "4"],
+    ["detect", "val", "DIR/stage2/weights/best.pt", "DIR/yolo"],
+    ["detect", "onnx", "DIR/stage2/weights/best.pt", "--out", "OUT/best.onnx"],
+    ["detect", "predict", "DIR/stage2/weights/best.onnx", "IMAGE", "--out", "OUT/boxes"],
+    ["detect", "table3", "DIR/yolo", "--out", "OUT/table3", "--models", "yolov8n",
+     "--epochs", "1", "--imgsz", "64", "--batch", "4"],
+    ["predict", "DIR/split/holdout", "--out", "OUT/predict", "--stage1", "DIR/stage1", "--stage2",
+     "DIR/stage2"],
+    ["reproduce", "table1", "--dry-run", "--models", "inceptionv3"],
+    ["weights", "list"],
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.detect
+def test_every_command_opens_no_connection(demo, tmp_path):
+    """Each command as a user runs it, under the network guard (Python sockets and, where strace
+    is installed, every connect/sendto of the process tree): no connection, no DNS lookup."""
+    from helpers_offline import run_guarded, strace_available
+
+    out, _, _ = demo
+    image = next((out / "yolo" / "images" / "val").glob("*.png"))
+    failures = []
+    for command in EVERY_COMMAND:
+        argv = [a.replace("DIR", str(out)).replace("OUT", str(tmp_path)).replace(
+            "IMAGE", str(image)) for a in command]  # fmt: skip
+        result, violations = run_guarded(*argv, workdir=tmp_path, timeout=900)
+        if result.returncode != 0 or violations:
+            failures.append((" ".join(command[:2]), result.returncode, violations,
+                             result.stderr[-1500:]))  # fmt: skip
+    assert failures == [], "\n".join(map(str, failures))
+    print(f"{len(EVERY_COMMAND)} commands offline (kernel-level check: {strace_available()})")
+
+
+@pytest.mark.slow
+@pytest.mark.detect
+def test_no_phi_reaches_any_output(demo, tmp_path):
+    """Names, IDs and dates in the DICOM header, and a study folder named after the patient,
+    appear in no file that prepare, look, the YOLO export or predict write."""
+    import pydicom
+
+    out, _, _ = demo
+    data = tmp_path / "data"
+    shutil.copytree(out / "data", data)  # the demo's synthetic studies (some fractured)
+    phi = {"PatientName": "DOE^JOHNATHAN", "PatientID": "MRN-99417-PHI",
+           "PatientBirthDate": "19450317", "InstitutionName": "ST-PHIBERT-HOSPITAL",
+           "ReferringPhysicianName": "SMITH^ANNALISE", "AccessionNumber": "ACC-55821-PHI"}
+    for path in data.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for key, value in phi.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+    test_study = next((data / "test_images").iterdir())
+    named = tmp_path / "inbox" / "Doe_Johnathan_19450317"
+    shutil.copytree(test_study, named)
+    from helpers_cli import run_cli
+
+    for argv in (["prepare", str(data), str(tmp_path / "prep"), "--size", "32", "--workers", "1"],
+                 ["look", str(tmp_path / "prep"), str(tmp_path / "look")],
+                 ["detect", "export", str(data), str(tmp_path / "yolo"), "--size", "64"],
+                 ["predict", str(tmp_path / "inbox"), "--out", str(tmp_path / "predict"),
+                  "--stage1", str(out / "stage1"), "--stage2", str(out / "stage2")]):  # fmt: skip
+        result = run_cli(*argv, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    needles = [v.encode() for v in phi.values()] + [b"DOE^JOHN", b"Doe_Johnathan", b"Johnathan"]
+    outputs = [p for d in ("prep", "look", "yolo", "predict") for p in (tmp_path / d).rglob("*")
+               if p.is_file()]  # fmt: skip
+    assert outputs
+    leaks = [(str(p), n.decode()) for p in outputs for n in needles
+             if n.lower() in p.read_bytes().lower() or n.decode().lower() in str(p).lower()]
+    assert leaks == []

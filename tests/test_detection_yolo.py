@@ -28,7 +28,12 @@ from keras_cspine.stage2.ultralytics_train import (
     ground_truth,
     read_predictions_json,
 )
-from keras_cspine.stage2.yolo_dataset import ExportConfig, export_yolo_dataset, load_manifest
+from keras_cspine.stage2.yolo_dataset import (
+    EXPORT_METADATA_KEY,
+    ExportConfig,
+    export_yolo_dataset,
+    load_manifest,
+)
 
 pytestmark = pytest.mark.detect  # `make test` runs files whole on one worker (--dist loadfile)
 
@@ -414,6 +419,20 @@ def test_onnx_file_carries_the_export_settings(trained, tmp_path):
     shutil.copy(onnx, copy)
     described = Stage2Model.load(copy).describe()
     assert {k: described[k] for k in expected} == expected
+
+
+@pytest.mark.slow
+def test_onnx_to_another_path_leaves_the_runs_onnx_alone(trained, tmp_path):
+    """`detect onnx W/best.pt --out other.onnx` writes other.onnx and keeps W/best.onnx as it was
+    (Ultralytics itself writes beside the weights it is given)."""
+    onnx = trained["run"] / "weights" / "best.onnx"
+    before = onnx.read_bytes()
+    result = run_cli("detect", "onnx", str(trained["run"] / "weights" / "best.pt"), "--out",
+                     str(tmp_path / "other.onnx"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert onnx.read_bytes() == before
+    assert OnnxDetector(tmp_path / "other.onnx").metadata[EXPORT_METADATA_KEY]
+    assert not list(tmp_path.glob(".onnx_export_*"))  # the temporary folder is gone
 
 
 @pytest.mark.slow

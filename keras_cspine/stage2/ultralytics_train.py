@@ -359,21 +359,30 @@ def export_onnx(
     that the file alone tells ``pipeline.Stage2Model`` how to render slices for it, wherever it
     is copied.
     """
-    model = load_yolo(weights)
+    import shutil
+    import tempfile
+
+    weights = Path(weights)
+    target = Path(out) if out is not None else weights.with_suffix(".onnx")
+    target.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"format": "onnx", "simplify": False, "dynamic": False, "device": "cpu"}
     if imgsz:
         kwargs["imgsz"] = imgsz
     if opset:
         kwargs["opset"] = opset
-    produced = Path(model.export(**kwargs))
-    settings = export_image_settings((model.ckpt or {}).get("train_args", {}).get("data"))
-    if settings:
-        _add_onnx_metadata(produced, {EXPORT_METADATA_KEY: json.dumps(settings)})
-    if out is not None and Path(out).resolve() != produced.resolve():
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(produced, out)
-        produced = Path(out)
-    return produced
+    # Ultralytics writes <weights>.onnx beside the weights it is given: export a copy in a
+    # temporary folder beside the target, so that an existing <weights>.onnx is never touched
+    # when another --out is asked for, and the target appears whole or not at all.
+    with tempfile.TemporaryDirectory(prefix=".onnx_export_", dir=target.parent) as tmp:
+        copy = Path(tmp) / weights.name
+        shutil.copy2(weights, copy)
+        model = load_yolo(copy)
+        produced = Path(model.export(**kwargs))
+        settings = export_image_settings((model.ckpt or {}).get("train_args", {}).get("data"))
+        if settings:
+            _add_onnx_metadata(produced, {EXPORT_METADATA_KEY: json.dumps(settings)})
+        os.replace(produced, target)
+    return target
 
 
 def _add_onnx_metadata(path: Path, props: dict[str, str]) -> None:
