@@ -12,6 +12,7 @@ behaviour is known by construction, so that the outputs can be checked exactly:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -647,3 +648,23 @@ def test_benchmark_reports_gated_and_ungated_times(models, tmp_path):
         assert run["total"] == pytest.approx(sum(run[k] for k in ("read", "stage1", "stage2", "report")))
     assert payload["ungated_over_gated"] == pytest.approx(ungated["total"] / gated["total"])
     assert "ungated / gated time" in result.stdout and "stage2" in result.stdout
+
+
+def test_a_defaulted_rescale_is_a_warning_in_the_study_record(models, synthetic_data, tmp_path):
+    import pydicom
+
+    from keras_cspine.pipeline.predict import Stage1Model, predict_study
+
+    uid = sorted(p.name for p in (synthetic_data / "train_images").iterdir())[0]
+    folder = tmp_path / uid
+    shutil.copytree(synthetic_data / "train_images" / uid, folder)
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if "RescaleSlope" in ds:
+            del ds.RescaleSlope
+        ds.save_as(path)
+    stage1 = Stage1Model.load(models[0], mode="bone", render_size=32)
+    result = predict_study(folder, stage1, None, PredictConfig(report="none"))
+    assert any(w.startswith("RescaleSlope missing: taken as 1") for w in result.info["warnings"])
+    assert "RescaleSlope missing: taken as 1" in json.dumps(result.to_json())  # studies/<UID>.json
+

@@ -194,7 +194,8 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
         "head_first": meta.head_first, "transfer_syntax": first.transfer_syntax_uid,
         "stage2_roi": roi.to_json() if roi is not None else None,
         "study_uid_source": named.source if uid == named.uid else "given",
-        "warnings": [named.warning] if named.warning else [],
+        # the study's own warnings (its name; a RescaleSlope/Intercept taken as 1/0 ...)
+        "warnings": ([named.warning] if named.warning else []) + list(meta.warnings),
     }  # fmt: skip
     return StudyResult(
         uid=uid, folder=str(folder) if folder.name == uid else named.folder, slice_numbers=numbers,
