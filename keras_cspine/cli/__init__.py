@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keras_cspine [--debug] <command> ...``: 0 on success, 2 on a user error
     (printed as one line, the traceback only with ``--debug`` or ``KERAS_CSPINE_DEBUG=1``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # onnxruntime's built-in telemetry (1DS: DNS lookups of mobile.events.data.microsoft.com)
+    # reads this when it starts, in this process and in every one it runs: off before any import
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:

@@ -135,9 +135,12 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 
 def disable_telemetry(ort=None) -> None:
-    """Turn off onnxruntime's telemetry events (on some platforms they go to
-    ``mobile.events.data.microsoft.com``); called before every ``InferenceSession``, so that
-    inference sends nothing anywhere."""
+    """Turn off onnxruntime's telemetry events; called before every ``InferenceSession``.
+
+    The API switch alone is not enough: onnxruntime 1.32's Linux build carries 1DS telemetry
+    that looks up ``mobile.events.data.microsoft.com`` from its own thread unless
+    ``ORT_DISABLE_TELEMETRY=1`` is set before it starts (seen under strace); the detector sets it
+    before importing onnxruntime and ``keras_cspine.cli`` sets it for every command."""
     if ort is None:
         import onnxruntime as ort
     switch_off = getattr(ort, "disable_telemetry_events", None)
@@ -172,6 +175,7 @@ class OnnxDetector:
             raise ValueError(f"iou must be in [0, 1], got {iou!r}")
         if max_det < 1:
             raise ValueError(f"max_det must be >= 1, got {max_det!r}")
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read when onnxruntime starts
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
