@@ -1,4 +1,4 @@
-"""Synthetic neck anatomy for the built-in RSNA-format dataset (issue 2, section 3).
+"""Synthetic neck anatomy for the built-in RSNA-format dataset (the paper's data, Figures 3-4).
 
 Serves the paper's data (the RSNA 2022 cervical spine CT studies): it is the
 phantom that :mod:`keras_cspine.synthetic.dataset` scans. Every structure is an approximate signed
@@ -932,7 +932,7 @@ def _bone_on_soft_tissue(bone: Bone, d: Array, core: Array, pixel: float) -> Arr
 
 def apply_fracture(sdf: Sdf, frac: Fracture, x: Array, y: Array, z: Array, d: Array, core: Array,
                    shell: float) -> tuple[Array, Array]:  # fmt: skip
-    """A fracture (issue 4, the RSNA fracture boxes): the bone's distance ``d`` and the distance
+    """A fracture (what the RSNA fracture boxes frame): the bone's distance ``d`` and the distance
     ``core`` of its cancellous interior (``d + shell`` for intact bone) after the fracture.
 
     The fragment on the +normal side within the crack sphere is displaced (with its cortex: a
