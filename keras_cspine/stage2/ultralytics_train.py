@@ -376,7 +376,10 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=".onnx_export_", dir=target.parent) as tmp:
         copy = Path(tmp) / weights.name
         shutil.copy2(weights, copy)
-        model = load_yolo(copy)
+        try:
+            model = load_yolo(copy)
+        except CSpineDataError as err:  # name the user's file, not the temporary copy
+            raise CSpineDataError(weights, err.problem) from err
         produced = Path(model.export(**kwargs))
         settings = export_image_settings((model.ckpt or {}).get("train_args", {}).get("data"))
         if settings:
