@@ -14,10 +14,10 @@ from keras_cspine.cli import run_command
 from keras_cspine.stage1.models import pretrained
 from keras_cspine.stage1.models.pretrained import (
     WeightsEntry,
-    _add,
-    _fetch,
+    add_report,
     configs_for,
     entry,
+    fetch_report,
     status,
 )
 from keras_cspine.stage1.models.weights import WeightsFileError
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print(_format_rows(_list_rows(not getattr(args, "no_hash", False))))
             return 0
         if action == "fetch":
-            result = _fetch(args.name, args.url, force=args.force, progress=not args.quiet)
+            result = fetch_report(args.name, args.url, force=args.force, progress=not args.quiet)
             e = entry(args.name)
             verb = "downloaded" if result["downloaded"] else "already present"
             print(f"{e.name}: {verb}: {result['path']}")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{e.name}: licence: {e.licence}")
             return 0
         if action == "add":
-            result = _add(args.file, args.name)
+            result = add_report(args.file, args.name)
             e = result["entry"]
             print(f"{e.name}: {args.file} -> {result['path']}")
             _print_pin(e, result)

@@ -827,10 +827,12 @@ def fetch(name: str | WeightsEntry, url: str | None = None, *, force: bool = Fal
         WeightsFileError: naming the URL or file and the problem (no network, HTTP error,
             truncated transfer, wrong hash with expected and actual values).
     """
-    return _fetch(name, url, force=force, progress=progress, timeout=timeout)["path"]
+    return fetch_report(name, url, force=force, progress=progress, timeout=timeout)["path"]
 
 
-def _fetch(name, url=None, *, force=False, progress=True, timeout=60.0) -> dict[str, Any]:
+def fetch_report(name, url=None, *, force=False, progress=True, timeout=60.0) -> dict[str, Any]:
+    """:func:`fetch`, returning what the command line prints: ``path``, ``downloaded`` and the
+    ``sha256`` got."""
     e = entry(name)
     dest = cache_path(e)
     if not force:
@@ -986,10 +988,11 @@ def add(path: str | os.PathLike, name: str | None = None) -> Path:
         WeightsFileError: naming the file: missing, unidentified, or its hash (expected and
             actual) or structure does not fit.
     """
-    return _add(path, name)["path"]
+    return add_report(path, name)["path"]
 
 
-def _add(path, name=None) -> dict[str, Any]:
+def add_report(path, name=None) -> dict[str, Any]:
+    """:func:`add`, returning what the command line prints (``path``, the entry, its digest)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsFileError(path, "file not found")
