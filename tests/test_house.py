@@ -16,7 +16,7 @@ PACKAGE = Path(keras_cspine.__file__).parent
 
 #: Layers, bottom to top: a module may import its own layer or lower ones only.
 LAYERS = {
-    "errors": 0, "utils": 0, "config": 0, "_deprecated": 0, "__init__": 0,
+    "errors": 0, "utils": 0, "config": 0, "quiet": 0, "_deprecated": 0, "__init__": 0,
     "io": 1,
     "data": 2, "synthetic": 2, "viz": 2,
     "stage1": 3, "stage2": 3,
