@@ -1,6 +1,7 @@
-# keras_cspine: the two commands that do all set-up from a bare clone.
+# keras_cspine: the commands that do all set-up from a bare clone.
 #   make demo   creates .venv, installs everything, runs the demo on the synthetic default
 #   make test   creates .venv, installs everything, runs the whole test suite (slow ones too)
+#   make notebooks  runs the four notebooks on the synthetic default and saves them with outputs
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench install clean notebooks
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+notebooks: $(STAMP)
+	$(PY) notebooks/make_notebooks.py --execute
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,24 @@
-"""End-to-end speed of the two-stage pipeline on CPU: seconds per study, gated against ungated.
+"""End-to-end speed of the two-stage pipeline on CPU: time by step, gated against ungated.
 
 Serves the paper's two-stage system (Sections 2.5-2.6) as a deployable pipeline: one synthetic
 study of ``--slices`` axial slices (default 300, 512 x 512, written once into ``--out``) goes
-through ``keras_cspine.pipeline.predict.predict_study`` and the report of ``keras_cspine.pipeline.report``, with
-stage 2 gated by stage 1 (the default) and not gated. Printed: seconds per study for both, their
-ratio, the share of the time in each step (read, stage 1, stage 2, report) and the fraction of
-slices stage 2 saw. Results go to ``OUT/bench_pipeline.json``.
+``--repeats`` times through ``keras_cspine.pipeline.predict.predict_study``, its report drawn by
+``keras_cspine.pipeline.report.ReportPool`` (a spawned worker process, as ``predict`` does) in
+three modes: ``ungated`` (stage 2 on every slice), ``gated`` (where stage 1 sees C1-C7) and
+``gated_s2`` (gated, coarse to fine with ``gate_stride=2``: every other gated slice, then the
+neighbours of each slice with a box). Printed per mode: seconds per study and by step (read,
+stage 1, stage 2, report on the critical path: submitting plus the final wait), the report's
+share of the wall time, the time the worker spent drawing, the share of slices stage 2 saw,
+studies per hour, and the ungated / gated ratios. Results go to ``OUT/bench_pipeline.json``.
 
 Models: ``--stage1`` / ``--stage2`` (run directories or files), by default the newest runs under
 ``--runs`` (e.g. those of ``make demo``); without any, random models of the demo's sizes are
 built (GCViT-xxtiny at 64 px; a YOLOv8n exported to ONNX at 256 px in a subprocess), and
 ``--paper`` builds the paper's sizes instead (GCViT-tiny at 224 px, YOLOv8s at 640 px). With
-random stage 1 weights the gate passes an arbitrary share of slices: the gated time is then only
-indicative; trained models give the real share.
+random stage 1 weights the gate passes an arbitrary share of slices and a random detector finds
+arbitrary boxes: the gated times are then only indicative; trained models give the real share.
+``--stage1-engine`` picks the stage 1 engine (``keras_cspine.stage1.fast_inference``). The
+machine may be shared: compare the modes of one run, not runs of different times.
 
     python benchmarks/bench_pipeline.py                      # models of runs/ (e.g. make demo)
     python benchmarks/bench_pipeline.py --paper --repeats 1  # paper-sized random models
@@ -83,18 +89,92 @@ def random_stage1(folder: Path, paper: bool) -> Path:
     return keras_path
 
 
-def time_study(folder: Path, stage1, stage2, config, report_dir: Path) -> dict[str, float]:
+def time_study(folder: Path, stage1, stage2, config, pool, report_dir: Path) -> dict[str, float]:
+    """One study through both stages; its report handed to ``pool`` (time to hand it over)."""
     from keras_cspine.pipeline.predict import predict_study
-    from keras_cspine.pipeline.report import write_study_report
 
     result = predict_study(folder, stage1, stage2, config)
     started = time.perf_counter()
-    write_study_report(result, report_dir / folder.name, threshold=config.presence_threshold)
+    pool.submit(result, report_dir)
     timings = {k: result.timings.get(k, 0.0) for k in STEPS[:3]}
     timings["report"] = time.perf_counter() - started
     timings["gated"] = float(result.gated.mean())
     timings["boxes"] = float(len(result.boxes))
     return timings
+
+
+MODES = {"ungated": {"gating": False}, "gated": {"gating": True},
+         "gated_s2": {"gating": True, "gate_stride": 2}}  # fmt: skip
+
+
+def time_mode(folder, stage1, stage2, config, repeats: int, tmp: Path) -> dict[str, float]:
+    """Medians over ``repeats`` studies; the report's critical-path time includes the wait for
+    the last reports at the end, shared over the studies."""
+    from keras_cspine.pipeline.report import ReportPool
+
+    pool = ReportPool(config.report_workers, "html", config.presence_threshold)
+    started = time.perf_counter()
+    runs = [time_study(folder, stage1, stage2, config, pool, tmp / f"r{r}") for r in range(repeats)]
+    waited = time.perf_counter()
+    pool.close()
+    wall = time.perf_counter() - started
+    median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    median["report"] += (time.perf_counter() - waited) / repeats
+    median["total"] = sum(median[k] for k in STEPS)
+    median["wall_per_study"] = wall / repeats
+    median["report_worker_s"] = pool.render_seconds / repeats
+    if pool.failures:
+        raise RuntimeError(f"reports failed: {pool.failures}")
+    return median
+
+
+def gate_analysis(n_studies: int, seed: int, preset: str) -> dict:
+    """On labelled synthetic studies (drawn with ``seed``, in memory): the share of slices with
+    a cervical vertebra (what a perfect stage 1 gate passes), the share with a fracture box, and
+    per ``gate_stride`` the share of slices stage 2 would look at with the coarse-to-fine gate
+    (:func:`refine_slices`, a perfect detector: a box exactly where the labels have one) and
+    the fractured vertebrae it finds (recall)."""
+    import numpy as np
+
+    from keras_cspine.pipeline.results import refine_slices
+    from keras_cspine.synthetic.dataset import generate_study
+
+    totals = {"slices": 0, "cervical": 0, "box_slices": 0, "fractured_vertebrae": 0,
+              "runs": [], "looked": {1: 0, 2: 0, 3: 0}, "found": {1: 0, 2: 0, 3: 0}}  # fmt: skip
+    for index in range(n_studies):
+        study = generate_study(None, seed=seed, index=index, preset=preset, split="train",
+                               keep_volumes=False, head_first=True)  # fmt: skip
+        seg = study.seg
+        present = np.stack([(seg == k).any(axis=(1, 2)) for k in range(1, 8)], axis=1)
+        cervical = present.any(axis=1)
+        box_slices = {int(b["slice_number"]) - 1 for b in study.boxes}
+        totals["slices"] += len(seg)
+        totals["cervical"] += int(cervical.sum())
+        totals["box_slices"] += len(box_slices)
+        ordered = sorted(box_slices)
+        run = 1
+        for a, b in zip(ordered, ordered[1:] + [None]):
+            if b == a + 1:
+                run += 1
+            else:
+                totals["runs"].append(run)
+                run = 1
+        fractured = {k for k in range(7) if study.labels[f"C{k + 1}"]}
+        totals["fractured_vertebrae"] += len(fractured)
+        for stride in totals["looked"]:
+            seen = refine_slices(cervical, stride, box_slices.__contains__)
+            totals["looked"][stride] += int(seen.sum())
+            found = {k for i in box_slices if seen[i] for k in range(7) if present[i, k]}
+            totals["found"][stride] += len(fractured & found)
+    runs = np.asarray(totals["runs"])
+    return {"preset": preset, "seed": seed, "studies": n_studies, "slices": totals["slices"],
+            "cervical_share": totals["cervical"] / totals["slices"],
+            "box_slice_share": totals["box_slices"] / totals["slices"],
+            "box_runs": len(runs), "box_run_min": int(runs.min()) if len(runs) else None,
+            "box_run_median": float(np.median(runs)) if len(runs) else None,
+            "looked_share": {s: v / totals["slices"] for s, v in totals["looked"].items()},
+            "recall": {s: v / max(totals["fractured_vertebrae"], 1)
+                       for s, v in totals["found"].items()}}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -109,7 +189,16 @@ def main(argv=None) -> int:
     parser.add_argument("--paper", action="store_true", help="random paper-sized models")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode (median kept)")
     parser.add_argument("--box-conf", type=float, default=0.25)
+    parser.add_argument("--stage1-engine", default="keras",
+                        choices=["auto", "keras", "xla", "onnx", "onnx_int8"])  # fmt: skip
+    parser.add_argument("--report-workers", type=int, default=1)
+    parser.add_argument("--gate-analysis", type=int, metavar="N",
+                        help="only: the gate on N labelled synthetic studies (seed 1000)")  # fmt: skip
+    parser.add_argument("--preset", default="small", help="synthetic preset of --gate-analysis")
     args = parser.parse_args(argv)
+    if args.gate_analysis:
+        print(json.dumps(gate_analysis(args.gate_analysis, 1000, args.preset), indent=1))
+        return 0
 
     out = Path(args.out)
     folder = ensure_study(out / "data", args.slices, args.size)
@@ -131,35 +220,38 @@ def main(argv=None) -> int:
     from keras_cspine.pipeline.predict import PredictConfig, Stage1Model, Stage2Model
 
     stage1 = Stage1Model.load(stage1_path)
+    engine = stage1.use_engine(args.stage1_engine)
     stage2 = Stage2Model.load(stage2_path, conf=args.box_conf)
-    print(f"[bench] models ({source}): stage 1 {stage1.describe()}\n"
+    print(f"[bench] models ({source}): stage 1 {stage1.describe()} engine {engine}\n"
           f"[bench]                  stage 2 {stage2.describe()}")  # fmt: skip
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         warm = PredictConfig(box_conf=args.box_conf, gating=False)
         stage1.predict(*_first_slices(folder, warm.batch_size), batch_size=warm.batch_size)
-        for mode, gating in (("gated", True), ("ungated", False)):
-            config = PredictConfig(box_conf=args.box_conf, gating=gating)
-            runs = [time_study(folder, stage1, stage2, config, Path(tmp) / f"{mode}{r}")
-                    for r in range(args.repeats)]  # fmt: skip
-            median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-            median["total"] = sum(median[k] for k in STEPS)
-            results[mode] = median
+        for mode, settings in MODES.items():
+            config = PredictConfig(box_conf=args.box_conf, report_workers=args.report_workers,
+                                   **settings)  # fmt: skip
+            results[mode] = time_mode(folder, stage1, stage2, config, args.repeats,
+                                      Path(tmp) / mode)  # fmt: skip
 
     ratio = results["ungated"]["total"] / results["gated"]["total"]
-    print(f"\n{args.slices} slices of {args.size} px, CPU ({os.cpu_count()} cores), median of "
-          f"{args.repeats}:")
-    print(f"{'mode':8s} {'s/study':>8s} {'ms/slice':>9s} {'stage 2 on':>10s} "
-          + " ".join(f"{k:>8s}" for k in STEPS))  # fmt: skip
+    ratio_s2 = results["ungated"]["total"] / results["gated_s2"]["total"]
+    stage2_s2 = results["ungated"]["stage2"] / max(results["gated_s2"]["stage2"], 1e-9)
+    print(f"\n{args.slices} slices of {args.size} px, CPU ({os.cpu_count()} cores, possibly "
+          f"shared), stage 1 engine {engine['engine']}, median of {args.repeats}:")
+    print(f"{'mode':9s} {'s/study':>8s} {'studies/h':>9s} {'stage 2 on':>10s} "
+          + " ".join(f"{k:>8s}" for k in STEPS) + f" {'report %':>8s} {'drawing s':>9s}")  # fmt: skip
     for mode, r in results.items():
-        shares = " ".join(f"{100 * r[k] / r['total']:7.1f}%" for k in STEPS)
-        print(f"{mode:8s} {r['total']:8.2f} {1000 * r['total'] / args.slices:9.1f} "
-              f"{r['gated']:10.0%} {shares}")  # fmt: skip
-    print(f"ungated / gated time: {ratio:.2f}x")
+        steps = " ".join(f"{r[k]:8.2f}" for k in STEPS)
+        print(f"{mode:9s} {r['total']:8.2f} {3600 / r['total']:9.1f} {r['gated']:10.0%} {steps} "
+              f"{100 * r['report'] / r['total']:7.1f}% {r['report_worker_s']:9.2f}")  # fmt: skip
+    print(f"ungated / gated time: {ratio:.2f}x; ungated / gated_s2 time: {ratio_s2:.2f}x "
+          f"(stage 2 alone: {stage2_s2:.2f}x)")
     payload = {"slices": args.slices, "size": args.size, "cpu_count": os.cpu_count(),
-               "models": {"source": source, "stage1": stage1.describe(),
+               "models": {"source": source, "stage1": stage1.describe(), "engine": engine,
                           "stage2": stage2.describe()},
-               "repeats": args.repeats, "results": results, "ungated_over_gated": ratio}  # fmt: skip
+               "repeats": args.repeats, "results": results, "ungated_over_gated": ratio,
+               "ungated_over_gated_s2": ratio_s2, "stage2_ungated_over_gated_s2": stage2_s2}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_pipeline.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"[bench] wrote {out / 'bench_pipeline.json'}")

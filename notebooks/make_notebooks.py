@@ -1,30 +1,80 @@
-"""Generate notebooks/0[1-4]_*.ipynb from the cells below: edit here, then run
-`python notebooks/make_notebooks.py` (the .ipynb files are committed; tests execute them)."""
+"""Generate notebooks/0[1-4]_*.ipynb from the cells below.
 
+Edit the cells here, then regenerate:
+
+    python notebooks/make_notebooks.py             # code and markdown only, no outputs
+    python notebooks/make_notebooks.py --execute   # also run them, saved with their outputs
+    make notebooks                                 # the same as --execute, in the repository's venv
+
+The committed notebooks carry the outputs of ``--execute`` on the synthetic default (not the
+tests' SMALL sizes), so that readers on GitHub or Kaggle see the figures and tables before running
+anything. ``--execute`` runs the four notebooks in order in a real Jupyter kernel (the Python that
+runs this script) with ``notebooks/nb_work`` (git-ignored, emptied first) as their shared working
+folder, then writes them atomically with volatile metadata stripped, TensorFlow's start-up notices
+dropped from standard error and absolute paths replaced by neutral ones. Nothing is written when a
+cell fails. ``tests/test_notebooks.py`` checks that the committed code cells equal
+:func:`build_notebooks`.
+
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/main/notebooks")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+NAMES = (
+    "01_data_and_preprocessing",
+    "02_vertebrae_classification",
+    "03_fracture_detection",
+    "04_two_stage_inference",
+)
+#: The default working folder of ``--execute`` (listed in .gitignore).
+DEFAULT_WORK = HERE / "nb_work"
+#: The file that marks a folder as a working folder this script may empty.
+WORK_MARKER = ".make_notebooks_work"
+#: TensorFlow notices written at its first operations on a CPU without AVX-512, after the start-up
+#: that keras_cspine.quiet filters (information, not problems): dropped from standard error.
+RUNTIME_NOTICES = ("oneDNN supports DT_BOOL only on platforms with AVX-512",)
+#: Code cells allowed to have no output in the committed notebooks (their first line).
+SILENT_CELLS: frozenset[str] = frozenset()
 
 SETTINGS = '''# Settings. SMALL=1 (the tests) shrinks every size; KERAS_CSPINE_NB_WORK is the working folder
 # shared by the four notebooks (02 and 03 reuse what 01 prepared, 04 reuses their models).
 import os
+import warnings
 from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import keras_cspine.quiet
+
+keras_cspine.quiet.install()  # before the first Keras import: no CPU start-up notices on stderr
+%matplotlib inline
+plt.rcParams["figure.dpi"] = 72  # inline figures stay light in the saved notebook
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 
 SMALL = os.environ.get("KERAS_CSPINE_NB_SMALL", "0") == "1"
 WORK = Path(os.environ.get("KERAS_CSPINE_NB_WORK", "/kaggle/working" if Path("/kaggle/working").is_dir() else "nb_work"))
 WORK.mkdir(parents=True, exist_ok=True)
 KAGGLE_INPUT = Path("/kaggle/input/rsna-2022-cervical-spine-fracture-detection")
-print("working folder:", WORK.resolve(), "| small:", SMALL)'''
+print("working folder:", WORK, "| small:", SMALL)'''
 
 DATA = '''# Data: the ONE switch between the built-in synthetic dataset (default) and the Kaggle input.
 # On Kaggle, add the competition data to the notebook and set USE_KAGGLE = True.
-USE_KAGGLE = False
-
 from keras_cspine.synthetic.dataset import generate_dataset
+
+USE_KAGGLE = False
 
 if USE_KAGGLE:
     DATA = KAGGLE_INPUT
@@ -33,7 +83,8 @@ else:
     DATA = WORK / "synthetic"
     if not (DATA / "synthetic_manifest.json").is_file():
         generate_dataset(DATA, n_studies=6 if SMALL else 16, seed=0,
-                         preset="tiny" if SMALL else "small", workers=1 if SMALL else 2)
+                         preset="tiny" if SMALL else "small", workers=1 if SMALL else 2,
+                         progress=False)
 print("data:", DATA)'''
 
 INSTALL = ("On Kaggle, install the package first (internet on): "
@@ -42,40 +93,35 @@ INSTALL = ("On Kaggle, install the package first (internet on): "
 
 PREPARE = '''# The slice index + image cache (shared with notebooks 02-04). On Kaggle only the 87 studies with
 # a segmentation carry slice labels, so only those are prepared.
+from keras_cspine.data.prepare import load_index, prepare_dataset
 from keras_cspine.io.rsna import RsnaLayout
-from keras_cspine.data.prepare import prepare_dataset, load_index
 
 SIZE = 32 if SMALL else (224 if USE_KAGGLE else 64)
 PREPARED = WORK / f"prepared{SIZE}"
 layout = RsnaLayout(DATA)
 labelled = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
-prepare_dataset(DATA, PREPARED, size=SIZE, mode="bone", studies=labelled, workers=1 if SMALL else 2)
+prepare_dataset(DATA, PREPARED, size=SIZE, mode="bone", studies=labelled,
+                workers=1 if SMALL else 2, progress=USE_KAGGLE)  # a progress bar on the real data
 index = load_index(PREPARED)
 print(f"{index.StudyInstanceUID.nunique()} studies, {len(index)} slices")'''
 
 
-def notebook(cells):
-    nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
+def md(text: str) -> tuple[str, str]:
+    return "markdown", text.strip()
 
 
-def md(text):
-    return new_markdown_cell(text.strip())
+def code(text: str) -> tuple[str, str]:
+    return "code", text.strip()
 
 
-def code(text):
-    return new_code_cell(text.strip())
-
-
-nb01 = notebook([
+CELLS_01 = [
     md("""
-# 01 - Data and preprocessing (paper Section 2.4, Algorithm 1, Figure 4)
+# 01 - Data and preprocessing (paper Section 2.4, Algorithm 1, Figures 3-4)
 
 The RSNA 2022 Cervical Spine Fracture Detection layout, read with `keras_cspine.io`; the paper's
 Algorithm 1 and the bone-window modes of `keras_cspine.data.preprocess`; vertebra labels per slice from
-the NIfTI segmentations (aligned from the DICOM and NIfTI geometry); Figure 4-style slices.
+the NIfTI segmentations (aligned from the DICOM and NIfTI geometry); the Figure 3 counts of
+fractured studies per vertebra and Figure 4-style slices.
 Runs top to bottom on the built-in synthetic data; one cell switches to the Kaggle input.
 
 """ + INSTALL),
@@ -91,6 +137,16 @@ print(f"{len(labels)} training studies, {int(labels.patient_overall.sum())} with
       f"{len(boxes)} fracture boxes")
 labels.head()'''),
     code("boxes.head()"),
+    md("## Figure 3: fractured and non-fractured studies per vertebra"),
+    code('''import matplotlib.pyplot as plt
+from IPython.display import display
+
+from keras_cspine.viz import figure_fracture_counts
+
+fig, counts = figure_fracture_counts(labels)
+display(fig)
+plt.close(fig)
+counts'''),
     md("## One study: geometry-aware reading (series order = head to feet)"),
     code('''from keras_cspine.io.dicom import read_series, transfer_syntax_name
 
@@ -109,6 +165,7 @@ three-window modes used by strong RSNA solutions.
 """),
     code('''import matplotlib.pyplot as plt
 import numpy as np
+
 from keras_cspine.data.preprocess import paper_algorithm1, to_model_image
 
 box_slices = boxes[boxes.StudyInstanceUID == uid].slice_number.tolist()
@@ -119,8 +176,11 @@ images = {"Algorithm 1 (paper)": paper_algorithm1(meta.slices[i].path),
           "multiwindow": to_model_image(volume[i], "multiwindow", size=None)}
 fig, axes = plt.subplots(1, 3, figsize=(12, 4))
 for ax, (name, image) in zip(axes, images.items()):
-    ax.imshow(image); ax.set_title(f"{name}, slice {number}"); ax.axis("off")
-plt.show()
+    ax.imshow(image)
+    ax.set_title(f"{name}, slice {number}")
+    ax.axis("off")
+display(fig)
+plt.close(fig)
 on_hu = to_model_image(volume[i], "paper", size=None).astype(int)
 print("Algorithm 1 on the file vs mode 'paper' on HU: at most",
       np.abs(images["Algorithm 1 (paper)"].astype(int) - on_hu).max(), "grey level(s) apart")'''),
@@ -133,8 +193,11 @@ if seg_path is not None:
     presence = vertebra_presence(seg)
     fig, ax = plt.subplots(figsize=(8, 2.5))
     ax.imshow(presence.T, aspect="auto", cmap="Greens", interpolation="nearest")
-    ax.set_yticks(range(7), [f"C{k}" for k in range(1, 8)]); ax.set_xlabel("series index (head -> feet)")
-    ax.set_title("C1..C7 present on each slice"); plt.show()
+    ax.set_yticks(range(7), [f"C{k}" for k in range(1, 8)])
+    ax.set_xlabel("series index (head -> feet)")
+    ax.set_title("C1..C7 present on each slice")
+    display(fig)
+    plt.close(fig)
 else:
     print("no segmentation for", uid)'''),
     md("## Prepare: the slice index and the image cache"),
@@ -145,12 +208,14 @@ else:
 
 fig = figure_slices(index, PREPARED, pick_slices(index, 8 if SMALL else 12, seed=0),
                     title="slices with their vertebrae (and fracture boxes in red)")
-plt.show()'''),
+display(fig)
+plt.close(fig)'''),
     code('''fig = figure_sagittal(index, PREPARED, index.StudyInstanceUID.iloc[0])
-plt.show()'''),
-])
+display(fig)
+plt.close(fig)'''),
+]
 
-nb02 = notebook([
+CELLS_02 = [
     md("""
 # 02 - Vertebrae classification (paper Sections 2.5 and 3, Tables 1-2, Figure 6)
 
@@ -165,8 +230,7 @@ model is GCViT-xxtiny at 64 px; on Kaggle the paper's GCViT-tiny at 224 px.
     code(DATA),
     code(PREPARE),
     md("## The paper's model: exact Table 1 parameter counts"),
-    code('''from keras_cspine.stage1.models.factory import build_model, count_parameters
-from keras_cspine.stage1.models.factory import PAPER_PARAMETERS
+    code('''from keras_cspine.stage1.models.factory import PAPER_PARAMETERS, build_model, count_parameters
 
 if SMALL:   # GCViT-tiny at 224 px takes a little while to build on a small CPU
     counts = count_parameters(build_model("gcvit_xxtiny", image_size=64, freeze="none"))
@@ -206,16 +270,16 @@ Image(filename=str(STAGE1 / "figures" / "loss_curves.png"))'''),
 
 predictions = pd.read_csv(STAGE1 / "predictions.csv")
 predictions.head(10)'''),
-])
+]
 
-nb03 = notebook([
+CELLS_03 = [
     md("""
-# 03 - Fracture detection (paper Sections 2.6 and 3, Table 3)
+# 03 - Fracture detection (paper Sections 2.6 and 3, Table 3, Figures 7-8)
 
 Stage 2: the fracture boxes of `train_bounding_boxes.csv` (plus slices without fracture as
 negatives) exported as a YOLO dataset, a YOLO detector trained with Ultralytics (offline: nothing
 is downloaded), validated with Ultralytics' metrics cross-checked by our own mAP and pycocotools
-(Table 3), and exported to ONNX for the two-stage pipeline. This notebook never imports
+(Table 3, training curves as in Figures 7-8), and exported to ONNX for the two-stage pipeline. This notebook never imports
 TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s for 100 epochs on
 whole slices, at Ultralytics' default 640 px (a GPU is advised). On the synthetic data, beyond
 the paper, each image is a 100 mm window around the cervical column (`roi_mm`,
@@ -239,8 +303,10 @@ YOLO_DATA = WORK / f"yolo{export_config.size}"
 export = export_yolo_dataset(DATA, YOLO_DATA, export_config, progress=False)
 export["counts"]'''),
     code('''import matplotlib.pyplot as plt
+from IPython.display import display
 from matplotlib.patches import Rectangle
 from PIL import Image as PILImage
+
 from keras_cspine.stage2.yolo_dataset import label_boxes_xyxy
 
 manifest = load_manifest(YOLO_DATA)
@@ -248,10 +314,13 @@ shown = manifest[manifest.kind == "positive"].head(4)
 fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4), squeeze=False)
 for ax, row in zip(axes[0], shown.itertuples()):
     image = PILImage.open(YOLO_DATA / row.image)
-    ax.imshow(image); ax.axis("off"); ax.set_title(f"slice {row.slice_number}", fontsize=8)
+    ax.imshow(image)
+    ax.axis("off")
+    ax.set_title(f"slice {row.slice_number}", fontsize=8)
     for x1, y1, x2, y2 in label_boxes_xyxy(YOLO_DATA / row.label, image.height, image.width):
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime"))
-plt.show()'''),
+display(fig)
+plt.close(fig)'''),
     md("## Training (Ultralytics, offline; resumable) and validation"),
     code('''from keras_cspine.stage2.ultralytics_train import DetectTrainConfig, train_detector
 
@@ -267,13 +336,14 @@ metrics = train_detector(YOLO_DATA, STAGE2, detect_config, overwrite=True)
 {k: metrics[k] for k in ("model", "images", "instances", "precision", "recall", "mAP50", "mAP50-95")}'''),
     md("## Table 3 (beside the paper's rows; mAP cross-checked by our code and pycocotools)"),
     code('''from IPython.display import Markdown, display
+
 from keras_cspine.stage2.metrics import table3_row, write_table3
 
 rows = [table3_row("yolov8s" if USE_KAGGLE else detect_config.model, metrics)]
 csv_path, md_path = write_table3(rows, STAGE2)
 display(Markdown(open(md_path).read()))
 metrics["cross_check"]'''),
-    md("## Figures: training curves, confusion matrix, predictions"),
+    md("## Figures 7-8 (training curves), the confusion matrix and predictions on validation"),
     code('''from IPython.display import Image, display
 
 for figure in sorted((STAGE2).rglob("fig*.png")):
@@ -281,6 +351,7 @@ for figure in sorted((STAGE2).rglob("fig*.png")):
     display(Image(filename=str(figure)))'''),
     md("## The ONNX export used by the two-stage pipeline (no torch needed there)"),
     code('''import numpy as np
+
 from keras_cspine.stage2.onnx_predictor import OnnxDetector
 
 detector = OnnxDetector(STAGE2 / "weights" / "best.onnx", conf=0.05)
@@ -289,8 +360,8 @@ found = detector.predict(image) if image is not None else None
 print(detector.imgsz, "input;", 0 if found is None else len(found), "boxes on the first positive slice")'''),
     md("The same slice read from its DICOM file: the study's window (as in the export's manifest), "
        "boxes back in the slice's own pixels, as in `train_bounding_boxes.csv`."),
-    code('''from keras_cspine.stage2.roi import SpineRoi
-from keras_cspine.io.dicom import read_slice
+    code('''from keras_cspine.io.dicom import read_slice
+from keras_cspine.stage2.roi import SpineRoi
 
 if len(shown):
     row = shown.iloc[0]
@@ -298,9 +369,9 @@ if len(shown):
     roi = SpineRoi.from_json(row.roi) if row.roi else None
     on_slice = detector.predict_slice(hu, mode=export_config.mode, size=export_config.size, roi=roi)
     print("window", roi, "| truth", row.boxes, "| found", on_slice.xywh().round(1).tolist()[:3])'''),
-])
+]
 
-nb04 = notebook([
+CELLS_04 = [
     md("""
 # 04 - Two-stage inference on a study (the paper's two stages, Sections 2.5-2.6)
 
@@ -317,7 +388,9 @@ imported after TensorFlow).
     code(SETTINGS),
     code(DATA),
     md("## Models: the ones of notebooks 02 and 03, or quick ones trained here"),
-    code('''import subprocess, sys
+    code('''import subprocess
+import sys
+
 from keras_cspine.pipeline.predict import find_latest_stage1, find_latest_stage2
 
 STAGE1, STAGE2 = WORK / "stage1", WORK / "stage2"
@@ -331,8 +404,8 @@ if not (STAGE2 / "weights" / "best.onnx").is_file():
                     "--out", str(STAGE2), "--config", "detect_train_synthetic",
                     *(["--epochs", "1", "--imgsz", "64"] if SMALL else []), "--overwrite"], check=True)
 if not (STAGE1 / "model.keras").is_file():
-    from keras_cspine.io.rsna import RsnaLayout
     from keras_cspine.data.prepare import prepare_dataset
+    from keras_cspine.io.rsna import RsnaLayout
     from keras_cspine.stage1.train import load_stage1_config, train_stage1
 
     size = 32 if SMALL else 64
@@ -344,14 +417,15 @@ if not (STAGE1 / "model.keras").is_file():
     train_stage1(config, WORK / f"prepared{size}", STAGE1, overwrite=True, verbose=2)
 print("stage 1:", find_latest_stage1(WORK), "| stage 2:", find_latest_stage2(WORK))'''),
     md("## One study, step by step"),
-    code('''from keras_cspine.pipeline.predict import PredictConfig, Stage1Model, Stage2Model, predict_study
+    code('''from keras_cspine.io.rsna import RsnaLayout
+from keras_cspine.pipeline.predict import PredictConfig, Stage1Model, Stage2Model, predict_study
 
 config = PredictConfig(box_conf=0.05 if SMALL else 0.1)
 stage1 = Stage1Model.load(STAGE1)
 stage2 = Stage2Model.load(STAGE2, conf=config.box_conf)
-print(stage1.describe()); print(stage2.describe())
+print(stage1.describe())
+print(stage2.describe())
 
-from keras_cspine.io.rsna import RsnaLayout
 layout = RsnaLayout(DATA)
 labels = layout.train_labels()
 uid = sorted(labels.StudyInstanceUID[labels.patient_overall == 1])[-1]
@@ -361,12 +435,18 @@ print(f"{len(result.slice_numbers)} slices, stage 2 on {int(result.gated.sum())}
 result.fracture'''),
     md("## The report, inline"),
     code('''from IPython.display import HTML
+
 from keras_cspine.pipeline.report import FIGURES, render_html, write_study_report
 
 truth = labels.set_index("StudyInstanceUID").loc[uid].to_dict()
 report = write_study_report(result, WORK / "report" / uid, truth=truth)
 figures = {name: report.parent / f"{name}.png" for name in FIGURES}
 HTML(render_html(result, figures, report.parent, embed=True))'''),
+    md("The report's fracture probabilities per vertebra (against the study's labels), as an image "
+       "for viewers that do not show images inside HTML:"),
+    code('''from IPython.display import Image
+
+Image(filename=str(figures["vertebrae"]))'''),
     md("""
 ## The Kaggle submission for every test study, and the study-level evaluation
 
@@ -376,7 +456,9 @@ and per-vertebra and patient AUC. The stage 1 run's own test studies are used he
 stage 1; on the synthetic default the detector may have seen some of them).
 """),
     code('''import json
+
 import pandas as pd
+
 from keras_cspine.pipeline.predict import predict
 
 test_summary = predict(DATA, WORK / "predict_test", stage1=stage1, stage2=stage2, config=config,
@@ -384,6 +466,9 @@ test_summary = predict(DATA, WORK / "predict_test", stage1=stage1, stage2=stage2
 print(test_summary["n_studies"], "test studies ->", test_summary["files"]["submission"])
 pd.read_csv(test_summary["files"]["submission"]).head(8)'''),
     code('''import os
+
+from IPython.display import Markdown
+
 from keras_cspine.pipeline.predict import evaluation_markdown
 
 splits = json.loads((STAGE1 / "splits.json").read_text())
@@ -395,13 +480,168 @@ for u in held:
         os.symlink(layout.series_dir(u).resolve(), EVAL / u)
 evaluation = predict(EVAL, WORK / "predict_eval", stage1=stage1, stage2=stage2, config=config,
                      labels=DATA / "train.csv", progress=False)["evaluation"]
-from IPython.display import Markdown
 Markdown(evaluation_markdown(evaluation))'''),
-])
+]
 
-OUT.mkdir(parents=True, exist_ok=True)
-for name, nb in (("01_data_and_preprocessing", nb01), ("02_vertebrae_classification", nb02),
-                 ("03_fracture_detection", nb03), ("04_two_stage_inference", nb04)):
+CELLS = {NAMES[0]: CELLS_01, NAMES[1]: CELLS_02, NAMES[2]: CELLS_03, NAMES[3]: CELLS_04}
+METADATA = {
+    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+    "language_info": {"name": "python"},
+}
+
+
+def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    """A notebook of ``(kind, source)`` cells, with cell ids that do not change between builds."""
+    made = []
+    for number, (kind, source) in enumerate(cells, start=1):
+        cell = new_code_cell(source) if kind == "code" else new_markdown_cell(source)
+        cell.id = f"cell-{number:02d}"
+        made.append(cell)
+    nb = new_notebook(cells=made)
+    nb.metadata.update(nbformat.from_dict(METADATA))
     nbformat.validate(nb)
-    nbformat.write(nb, OUT / f"{name}.ipynb")
-    print("wrote", OUT / f"{name}.ipynb")
+    return nb
+
+
+def build_notebooks() -> dict[str, nbformat.NotebookNode]:
+    """The four notebooks, without outputs, by name (in the order they run)."""
+    return {name: notebook(cells) for name, cells in CELLS.items()}
+
+
+def path_replacements(work: Path) -> list[tuple[str, str]]:
+    """``(absolute path, neutral form)`` pairs for the outputs, the most specific first."""
+    pairs = [(str(work.resolve()), "nb_work"), (str(work), "nb_work"), (str(REPO), "."),
+             (str(Path.home()), "~"), (tempfile.gettempdir().rstrip("/") + "/", "$TMPDIR/")]  # fmt: skip
+    seen, unique = set(), []
+    for old, new in pairs:
+        if old not in seen and len(old) > 1:
+            seen.add(old)
+            unique.append((old, new))
+    return unique
+
+
+def neutral_paths(text: str, replacements: list[tuple[str, str]]) -> str:
+    for old, new in replacements:
+        text = text.replace(old, new)
+    return text
+
+
+def clean_notebook(nb: nbformat.NotebookNode, work: Path) -> nbformat.NotebookNode:
+    """Make an executed notebook reviewable and reproducible, in place: notebook metadata as built
+    (no kernel or Python version details), no execution timing in the cells, TensorFlow's start-up
+    and runtime notices dropped from standard error, absolute paths of this machine replaced by
+    neutral ones. Running it again changes nothing."""
+    from keras_cspine.quiet import filter_startup_output
+
+    replacements = path_replacements(work)
+    nb.metadata = nbformat.from_dict(METADATA)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.outputs:
+            if output.output_type == "stream":
+                text = neutral_paths(output.text, replacements)
+                if output.name == "stderr":
+                    text = filter_startup_output(text, gpu_found=False)
+                    text = "".join(line for line in text.splitlines(keepends=True)
+                                   if not any(notice in line for notice in RUNTIME_NOTICES))  # fmt: skip
+                if not text.strip():
+                    continue
+                output.text = text
+            elif output.output_type in ("display_data", "execute_result"):
+                for key, value in output.data.items():
+                    if key.startswith("text/") and isinstance(value, str):
+                        output.data[key] = neutral_paths(value, replacements)
+            kept.append(output)
+        cell.outputs = kept
+    nbformat.validate(nb)
+    return nb
+
+
+def prepare_work(work: Path, keep: bool) -> Path:
+    """Create (or, unless ``keep``, empty) the working folder; refuse to empty a folder that this
+    script did not create."""
+    import shutil
+
+    work = work.resolve()
+    if work.exists() and any(work.iterdir()) and not keep:
+        if not (work / WORK_MARKER).is_file():
+            raise SystemExit(f"{work} is not empty and was not made by this script: "
+                             "choose another --work or pass --keep-work")  # fmt: skip
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text("working folder of notebooks/make_notebooks.py --execute\n")
+    return work
+
+
+def execute_notebooks(notebooks: dict[str, nbformat.NotebookNode], work: Path, timeout: int = 3600,
+                      log: Callable[[str], object] = print) -> dict[str, float]:  # fmt: skip
+    """Execute the notebooks in order in a real kernel of this Python, in place, with ``work`` as
+    their working folder and ``KERAS_CSPINE_NB_WORK``; the synthetic default sizes (SMALL unset).
+    Raises ``nbclient.exceptions.CellExecutionError`` on the first failing cell. Returns the
+    seconds each notebook took."""
+    from nbclient import NotebookClient
+
+    env = dict(os.environ, KERAS_CSPINE_NB_WORK=str(work), PYTHONUNBUFFERED="1")
+    for name in ("KERAS_CSPINE_NB_SMALL", "MPLBACKEND", "KERAS_CSPINE_TF_NOISE"):
+        env.pop(name, None)  # the default sizes; inline figures; the start-up filter on
+    seconds = {}
+    for name, nb in notebooks.items():
+        started = time.monotonic()
+        log(f"executing {name} ...")
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                                coalesce_streams=True, resources={"metadata": {"path": str(work)}})  # fmt: skip
+        client.execute(env=env)
+        clean_notebook(nb, work)
+        seconds[name] = round(time.monotonic() - started, 1)
+        write_notebook(nb, work / f"{name}.executed.ipynb")
+        log(f"executed {name} in {seconds[name]:.0f} s")
+    return seconds
+
+
+def write_notebook(nb: nbformat.NotebookNode, path: Path) -> Path:
+    """Validate and write ``nb`` to ``path`` atomically (a temporary file, then a rename)."""
+    nbformat.validate(nb)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            nbformat.write(nb, stream)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("out", nargs="?", type=Path, default=HERE,
+                        help="folder of the .ipynb files (default: this script's folder)")  # fmt: skip
+    parser.add_argument("--execute", action="store_true",
+                        help="run the notebooks in order and save them with their outputs")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="working folder of the executed notebooks (default: notebooks/nb_work)")  # fmt: skip
+    parser.add_argument("--keep-work", action="store_true",
+                        help="reuse the working folder as it is instead of emptying it first")  # fmt: skip
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds one cell may run")
+    args = parser.parse_args(argv)
+
+    notebooks = build_notebooks()
+    if args.execute:
+        work = prepare_work(args.work, args.keep_work)
+        started = time.monotonic()
+        execute_notebooks(notebooks, work, timeout=args.timeout)
+        print(f"all four executed in {time.monotonic() - started:.0f} s")
+    for name, nb in notebooks.items():
+        path = write_notebook(nb, args.out / f"{name}.ipynb")
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

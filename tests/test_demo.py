@@ -67,6 +67,9 @@ def test_settings_validation_and_paper_preset():
     assert (paper.stage1_config, paper.image_size, paper.detect_model, paper.detect_epochs,
             paper.detect_imgsz, paper.mode) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640, "paper")  # fmt: skip
     assert paper.export_roi_mm is None and paper.detect_config is None  # whole slices, as the paper
+    quick = DemoSettings.quick(workers=1)
+    assert (quick.studies, quick.stage1_epochs, quick.detect_epochs, quick.workers) == (6, 1, 1, 1)
+    assert DemoSettings.quick().studies < DemoSettings().studies
 
 
 def test_summary_text_names_outputs_and_metrics():
@@ -86,15 +89,16 @@ def test_summary_text_names_outputs_and_metrics():
     }  # fmt: skip
     text = summary_text(summary)
     assert "macro F1 0.500" in text and "EMR 0.250" in text
-    assert "+ sequence model: macro F1 0.750, EMR 0.625" in text
+    assert "+ study sequence model (beyond the paper): macro F1 0.750, EMR 0.625" in text
+    assert "(paper 0.96 / 0.95 / 1.26)" in text  # the paper's Table 1 row beside ours
+    assert "tensorboard --logdir /r/s1/tensorboard" in text
+    assert len(text.strip().splitlines()) <= 24  # one screen
     assert "RSNA weighted log loss 0.6123" in text and "patient AUC 0.750" in text
     assert "mean vertebra AUC n/a" in text
     assert "/r/p/index.html" in text and "/r/p/submission.csv" in text
 
 
-DEMO_ARGS = ["--studies", "6", "--preset", "tiny", "--image-size", "32", "--stage1-epochs", "1",
-             "--detect-epochs", "1", "--detect-imgsz", "64", "--export-size", "64", "--workers",
-             "1", "--holdout-fraction", "0.34"]  # fmt: skip
+DEMO_ARGS = ["--quick", "--workers", "1"]  # what `make test` runs: the demo's quick form
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +120,8 @@ def demo(tmp_path_factory):
 def test_demo_end_to_end_and_resume(demo, tmp_path):
     out, result, args = demo
     summary = json.loads((out / "summary.json").read_text())
-    steps = ["synth", "split", "prepare", "look", "detect_export", "detect_train", "stage1",
+    # stage 2 trains in the background beside stage 1 and is collected after it
+    steps = ["synth", "split", "prepare", "look", "detect_export", "stage1", "detect_train",
              "predict"]  # fmt: skip
     assert list(summary["steps"]) == steps
     held = summary["results"]["split"]["holdout_studies"]
@@ -133,6 +138,10 @@ def test_demo_end_to_end_and_resume(demo, tmp_path):
     assert "RSNA weighted log loss" in result.stdout
     assert str(out / "predict" / "index.html") in result.stdout
     assert "[demo] stage1 ..." in result.stdout  # progress of every step
+    assert "[demo] detect_train ... in the background" in result.stdout
+    assert "Ultralytics" in (out / "logs" / "detect_train.log").read_text()  # its own log
+    for noise in ("cuInit", "cuda drivers", "oneDNN", "absl::InitializeLog"):  # quiet on a CPU
+        assert noise not in result.stdout + result.stderr, noise
 
     # stage 2 given as a .pt: exported to ONNX in a subprocess (torch stays out of this process)
     from keras_cspine.pipeline.predict import Stage2Model

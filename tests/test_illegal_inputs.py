@@ -27,6 +27,7 @@ class Case:
     gets: str  # a fragment of the one-line error (README: what the user gets)
     setup: Callable[[Path], None] = lambda tmp: None
     subprocess: bool = False  # stage 2 commands: never TensorFlow and torch in one process
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the command
 
 
 def _file(name: str, text: str = "x") -> Callable[[Path], None]:
@@ -39,6 +40,38 @@ def _file(name: str, text: str = "x") -> Callable[[Path], None]:
 def _run_without_summary(tmp: Path) -> None:
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text("name: x\n")
+
+
+def _shard_parts(*sizes: int) -> Callable[[Path], None]:
+    """Finished prepare shards of ``len(sizes)`` under ``tmp/out``, one per size (None: missing)."""
+
+    def make(tmp: Path) -> None:
+        import json
+
+        for i, size in enumerate(sizes):
+            if size is None:
+                continue
+            part = tmp / "out" / "shards" / f"{i}-of-{len(sizes)}"
+            part.mkdir(parents=True)
+            (part / "shard.json").write_text(json.dumps({
+                "kind": "prepare", "shard": part.name, "settings": {"size": size, "mode": "bone",
+                "split": "train"}, "study_selection": {"studies": 4, "digest": "0"}}))  # fmt: skip
+
+    return make
+
+
+def _run_trained_on_the_data(tmp: Path) -> None:
+    import json
+
+    from helpers_stage1 import make_prepared, study_uid
+
+    make_prepared(tmp / "prep", n_studies=3, n_slices=4, unlabelled=0)
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.yaml").write_text("name: x\n")
+    (tmp / "run" / "model.keras").write_bytes(b"x")
+    (tmp / "run" / "splits.json").write_text(json.dumps({
+        "train": [study_uid(0), study_uid(1)], "val": [study_uid(2)], "test": [],
+        "prepared": str(tmp / "prep")}))  # fmt: skip
 
 
 def _weights_file(tmp: Path) -> None:
@@ -62,6 +95,22 @@ CASES: list[Case] = [
     Case("a paper config whose ImageNet weights are not here",
          lambda t: ["train", str(t), "--config", "stage1_resnet152v2"],
          "get them with `keras-cspine weights fetch resnet152v2`"),
+    Case("several machines without `TF_CONFIG`",
+         lambda t: ["train", str(t), "--set", "train.strategy=multi_worker"],
+         "TF_CONFIG: not set: train.strategy multi_worker needs the cluster"),
+    Case("a `TF_CONFIG` that is not JSON",
+         lambda t: ["train", str(t), "--set", "train.strategy=multi_worker"],
+         "TF_CONFIG: not JSON", env=(("TF_CONFIG", "{cluster"),)),
+    Case("a `TF_CONFIG` task index outside its cluster",
+         lambda t: ["train", str(t), "--set", "train.strategy=multi_worker"],
+         "TF_CONFIG: task index 2 is out of range: the cluster has 2 worker task(s)",
+         env=(("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:1"]}, '
+                            '"task": {"type": "worker", "index": 2}}'),)),
+    Case("a `TF_CONFIG` task type that MultiWorkerMirroredStrategy does not run",
+         lambda t: ["train", str(t), "--set", "train.strategy=multi_worker"],
+         "TF_CONFIG: task type 'ps' is unknown to MultiWorkerMirroredStrategy",
+         env=(("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", '
+                            '"index": 0}}'),)),
     Case("an unknown model in a table",
          lambda t: ["reproduce", "table1", "--dry-run", "--models", "alexnet"],
          "unknown model 'alexnet'; known:"),
@@ -88,6 +137,24 @@ CASES: list[Case] = [
          setup=_file("out.txt")),
     Case("prediction of at most zero studies (`--limit 0`)",
          lambda t: ["predict", str(t), "--out", str(t / "out"), "--limit", "0"], "--limit"),
+    Case("a shard that does not exist (`--shard 3/2`; shards are 0-based)",
+         lambda t: ["prepare", str(t), str(t / "out"), "--shard", "3/2"],
+         "out of range for 2 shards: give i/n with 0 <= i < n"),
+    Case("a shard spec that is not i/n (`--shard 1/2/3`, `a/b`)",
+         lambda t: ["predict", str(t), "--out", str(t / "out"), "--shard", "1/2/3"],
+         "'1/2/3' is not i/n"),
+    Case("no shards at all (`--shard 0/0`)",
+         lambda t: ["prepare", str(t), str(t / "out"), "--shard", "0/0"],
+         "the number of shards must be >= 1"),
+    Case("merging an incomplete set of shards",
+         lambda t: ["merge", str(t / "out")], "missing 1: 1-of-2 (never run)",
+         setup=_shard_parts(32, None)),
+    Case("merging shards prepared with different settings",
+         lambda t: ["merge", str(t / "out")],
+         "settings.size is 48 in shard 1-of-2 but 32 in shard 0-of-2", setup=_shard_parts(32, 48)),
+    Case("evaluating on data that holds the run's training studies",
+         lambda t: ["evaluate", str(t / "run"), "--data", str(t / "prep")],
+         "3 of its 3 labelled studies were seen in training", setup=_run_trained_on_the_data),
     Case("a YOLO export of a folder that is not in the RSNA layout",
          lambda t: ["detect", "export", str(t), str(t / "yolo")],
          "train_bounding_boxes.csv: file not found: the YOLO export needs fracture boxes",
@@ -100,19 +167,23 @@ def caches(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.setenv("KERAS_CSPINE_WEIGHTS", str(tmp_path / "cspine_weights"))
     monkeypatch.delenv("KERAS_CSPINE_DEBUG", raising=False)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
     scratch = tmp_path / "case"
     scratch.mkdir()
     return scratch
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
-def test_illegal_input_gets_one_line(case, caches, capsys):
+def test_illegal_input_gets_one_line(case, caches, capsys, monkeypatch):
     case.setup(caches)
+    for name, value in case.env:
+        monkeypatch.setenv(name, value)
     argv = case.argv(caches)
     if case.subprocess:
         from helpers_cli import run_cli
 
-        result = run_cli(*argv, env={"KERAS_HOME": str(caches.parent / "keras_home")})
+        result = run_cli(*argv, env={"KERAS_HOME": str(caches.parent / "keras_home"),
+                                     **dict(case.env)})
         code, err = result.returncode, result.stderr
     else:
         from keras_cspine.cli import main
@@ -143,6 +214,7 @@ def markdown_table() -> str:
     rows = ["| input | command | what it gets (exit code 2) |", "|---|---|---|"]
     for case in CASES:
         argv = " ".join(a.replace(str(Path("/SCRATCH")), "DIR") for a in case.argv(Path("DIR")))
+        argv = " ".join([*(f"{k}='{v}'" for k, v in case.env), argv])
         gets = case.gets.replace("|", "\\|").strip()
         rows.append(f"| {case.what} | `{argv}` | `` error: ...{gets}... `` |")
     return "\n".join(rows)

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from keras_cspine import quiet
 from keras_cspine.config import ConfigError
 from keras_cspine.errors import CSpineDataError, MissingDependencyError
 
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("keras_cspine.cli.evaluate", "stage 1: Tables 1-2 metrics and Figure 6 for a run"),
     "detect": ("keras_cspine.cli.detect", "stage 2: YOLO export / train / val / onnx"),
     "predict": ("keras_cspine.cli.predict", "two-stage inference: studies in, findings out"),
+    "report": ("keras_cspine.cli.report", "draw the reports of a `predict --report none` output"),
+    "merge": ("keras_cspine.cli.merge", "join the shards of `prepare/predict --shard i/n` into one output"),
     "reproduce": ("keras_cspine.cli.reproduce", "reproduce a paper table (table1, table3)"),
     "demo": ("keras_cspine.cli.demo", "the whole pipeline on a small synthetic dataset"),
     "weights": ("keras_cspine.cli.weights", "pretrained weights: list, fetch (the only download), add"),
@@ -63,6 +66,16 @@ def run_command(command: str, argv: Sequence[str] | None = None) -> int:
     return main([command, *argv])
 
 
+def data_header(path, studies: int | None, count: int | None, unit: str) -> str:
+    """The first line of every scoring command (``evaluate --data``, ``detect val``,
+    ``predict --labels``): ``data: <path>  studies: N  <unit>: M``, so results can be compared."""
+
+    def number(value: int | None) -> str:
+        return "?" if value is None else str(int(value))
+
+    return f"data: {path}  studies: {number(studies)}  {unit}: {number(count)}"
+
+
 #: Errors a user meets (bad input, bad settings, missing files or packages): one line, exit 2.
 #: Anything else is a bug in keras_cspine and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -87,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # onnxruntime's built-in telemetry (1DS: DNS lookups of mobile.events.data.microsoft.com)
     # reads this when it starts, in this process and in every one it runs: off before any import
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    quiet.install()  # no CUDA / oneDNN start-up notices from TensorFlow on a CPU-only machine
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:

@@ -9,17 +9,22 @@ import argparse
 from collections.abc import Sequence
 
 from keras_cspine.cli import run_command
+from keras_cspine.config import ConfigError
 from keras_cspine.paper.demo import DemoSettings, run_demo
+from keras_cspine.synthetic.study import PRESETS
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m keras_cspine demo``."""
     parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every step on 6 tiny studies in 2-3 minutes: checks that the "
+                        "pipeline runs, no quality claim")  # fmt: skip
     parser.add_argument("--data", help="an RSNA-layout folder (the Kaggle data) instead of the "
                         "synthetic one; uses the paper's configurations")  # fmt: skip
     parser.add_argument("--studies", type=int, help=f"synthetic studies ({DemoSettings.studies})")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--preset", choices=["tiny", "small", "full"])
+    parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--image-size", type=int, help="stage 1 image size")
     parser.add_argument("--workers", type=int, help="processes for synth / prepare / export")
     parser.add_argument("--stage1-epochs", type=int)
@@ -43,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.export_roi_mm is not None:
         changes["export_roi_mm"] = args.export_roi_mm or None  # 0: whole slices
-    settings = DemoSettings.paper(**changes) if args.data else DemoSettings(**changes)
+    if args.data and args.quick:
+        raise ConfigError("demo: --quick runs on its own tiny synthetic studies; drop --data or --quick")
+    if args.data:
+        settings = DemoSettings.paper(**changes)
+    else:
+        settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
     run_demo(args.out, settings, data=args.data)
     return 0
 

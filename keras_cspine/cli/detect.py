@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from keras_cspine.cli import run_command
+from keras_cspine.cli import data_header, run_command
 
 
 def _config_options(parser: argparse.ArgumentParser, bundled: str) -> None:
@@ -181,9 +181,24 @@ def _run_val(args) -> int:
         args.weights, args.data, out, split=args.split, imgsz=args.imgsz, batch=args.batch,
         device=args.device, conf=args.conf, iou=args.iou,
     )  # fmt: skip
+    print(data_header(Path(summary["data"]).parent, _export_studies(summary["data"], args.split),
+                      summary["images"], "images"))  # fmt: skip
     _print_metrics(summary)
     print(f"metrics and figures in {out}")
     return 0
+
+
+def _export_studies(data_yaml: str, split: str) -> int | None:
+    """Studies of a split of a YOLO export, from its ``manifest.csv`` (None without one)."""
+    import csv
+
+    manifest = Path(data_yaml).parent / "manifest.csv"
+    try:
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            return len({row["StudyInstanceUID"] for row in csv.DictReader(handle)
+                        if row.get("split") == split})  # fmt: skip
+    except (OSError, KeyError, csv.Error):
+        return None
 
 
 def _run_onnx(args) -> int:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from keras_cspine.cli import run_command
+from keras_cspine.cli import data_header, run_command
+from keras_cspine.cli.merge import SHARD_HELP, shard_arg
 from keras_cspine.pipeline.config import PredictConfig
 from keras_cspine.pipeline.predict import predict
 
@@ -47,9 +49,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "--no-sequence-model: the per-slice probabilities (the paper)")  # fmt: skip
     parser.add_argument("--report", choices=["html", "markdown", "none"],
                         help="per-study report format (default html)")  # fmt: skip
+    parser.add_argument("--stage1-engine", choices=["auto", "keras", "xla", "onnx", "onnx_int8"],
+                        help="how stage 1 runs (default auto = keras; xla, onnx: float32 within "
+                        "1e-4 of keras; onnx_int8: int8 weights)")  # fmt: skip
     parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
     parser.add_argument("--limit", type=positive_int, help="at most this many studies (>= 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", type=shard_arg, metavar="i/n", help=SHARD_HELP)
+    parser.add_argument("--no-merge", action="store_true",
+                        help="with --shard: leave the merge to `keras-cspine merge OUT`")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> PredictConfig:
@@ -67,17 +75,50 @@ def config_from_args(args: argparse.Namespace) -> PredictConfig:
         changes["level_decoding"] = False
     if args.report:
         changes["report"] = args.report
+    if getattr(args, "stage1_engine", None):
+        changes["stage1_engine"] = args.stage1_engine
     return dataclasses.replace(config, **changes) if changes else config
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``predict`` from parsed arguments; 0 when every study was read, 1 otherwise."""
     config = config_from_args(args)
-    summary = predict(args.input, args.out, stage1=args.stage1, stage2=args.stage2,
-                      runs=args.runs, config=config, labels=args.labels, limit=args.limit,
-                      progress=not args.quiet)  # fmt: skip
+    if args.shard is not None:
+        from keras_cspine.pipeline.shards import predict_shard
+
+        part = predict_shard(args.input, args.out, args.shard, stage1=args.stage1,
+                             stage2=args.stage2, runs=args.runs, config=config, labels=args.labels,
+                             limit=args.limit, merge=not args.no_merge, progress=not args.quiet)  # fmt: skip
+        print(f"[predict] shard {args.shard.name}: {part['n_ok']}/{part['n_studies']} studies in "
+              f"{Path(part['out'])}")  # fmt: skip
+        if "merged" not in part:
+            return 0 if part["n_failed"] == 0 else 1
+        summary = part["merged"]
+    else:
+        summary = predict(args.input, args.out, stage1=args.stage1, stage2=args.stage2,
+                          runs=args.runs, config=config, labels=args.labels, limit=args.limit,
+                          progress=not args.quiet)  # fmt: skip
+    if args.labels is not None:
+        summary = {**summary, "labels": args.labels}
     print(summary_text(summary))
     return 0 if summary["n_failed"] == 0 else 1
+
+
+def scored_slices(summary: Mapping[str, Any]) -> int | None:
+    """The slices of the studies the evaluation scored (those of ``predictions.csv`` found in
+    the labels), for the ``data:`` line; None when the files are not there to say."""
+    import pandas as pd
+
+    from keras_cspine.errors import CSpineDataError
+
+    try:
+        table = pd.read_csv(summary["files"]["predictions"], dtype={"StudyInstanceUID": str})
+        from keras_cspine.io.rsna import read_train_csv
+
+        labels = set(read_train_csv(summary["labels"]).StudyInstanceUID.astype(str))
+    except (KeyError, OSError, ValueError, TypeError, CSpineDataError):
+        return None
+    return int(table.loc[table.StudyInstanceUID.isin(labels), "n_slices"].sum())
 
 
 def summary_text(summary: Mapping[str, Any]) -> str:
@@ -102,6 +143,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     if "evaluation" in summary:
         ev = summary["evaluation"]
         auc = ev["mean_vertebra_auc"]
+        lines.append(f"[predict] {data_header(summary['input'], ev['n_studies'], scored_slices(summary), 'slices')}")
         lines.append(
             f"[predict] RSNA weighted log loss {ev['rsna_weighted_log_loss']:.4f}, mean vertebra "
             f"AUC {'n/a' if auc is None else f'{auc:.3f}'}, patient AUC "

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keras_cspine.cli import run_command
+from keras_cspine.cli.merge import SHARD_HELP, shard_arg
 from keras_cspine.data.prepare import MAX_SIZE, MIN_SIZE, prepare_dataset
 
 
@@ -66,21 +67,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", default="auto", choices=["auto", "pydicom", "dicomsdl"])
     parser.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                         help="skip: record bad files in OUT/errors.csv and go on")  # fmt: skip
+    parser.add_argument("--shard", type=shard_arg, metavar="i/n", help=SHARD_HELP)
+    parser.add_argument("--no-merge", action="store_true",
+                        help="with --shard: leave the merge to `keras-cspine merge OUT`")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = prepare_dataset(
-        args.data_dir, args.out, size=args.size, mode=args.mode, split=args.split,
-        studies=args.studies, limit=args.limit, workers=args.workers, decoder=args.decoder,
-        on_error=args.on_error,
-    )  # fmt: skip
+    options = dict(size=args.size, mode=args.mode, split=args.split, studies=args.studies,
+                   limit=args.limit, workers=args.workers, decoder=args.decoder,
+                   on_error=args.on_error)  # fmt: skip
+    where = args.out
+    if args.shard is None:
+        summary = prepare_dataset(args.data_dir, args.out, **options)
+    else:
+        from keras_cspine.data.prepare_shards import prepare_shard
+        from keras_cspine.data.shards import part_dir
+
+        summary = prepare_shard(args.data_dir, args.out, args.shard, merge=not args.no_merge,
+                                **options)  # fmt: skip
+        where = part_dir(args.out, args.shard)
     print(
-        f"prepared {summary['studies']} studies in {args.out} "
+        f"prepared {summary['studies']} studies in {where} "
         f"({summary['slices_processed_this_run']} slices this run, "
         f"{summary['seconds_this_run']} s, {summary['errors']} errors)"
     )
     if summary["errors"]:
-        print(f"see {Path(args.out) / 'errors.csv'}")
+        print(f"see {Path(where) / 'errors.csv'}")
+    if "merged" in summary:
+        merged = summary["merged"]
+        print(f"merged {merged['shards']['count']} shards into {args.out}: {merged['studies']} "
+              f"studies, {merged['errors']} errors")  # fmt: skip
     return 0
 
 

@@ -1,6 +1,8 @@
 """``python -m keras_cspine train``: stage 1: train the vertebrae classifier (GCViT or baseline).
 
 The command line of :mod:`keras_cspine.stage1.train` (its docstring is the command's description).
+On several machines (``--set train.strategy=multi_worker`` and ``TF_CONFIG``, see
+:mod:`keras_cspine.stage1.distribute`) every worker runs the same command line.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         config, args.data, run_dir, prepared_dir=args.prepared_dir,
         overwrite=args.overwrite, verbose=2 if args.quiet else "auto",
     )  # fmt: skip
+    if "worker" in summary:  # a non-chief worker of a multi-worker run: the chief has the run
+        print(f"[train] {config.name}: {summary['worker']} of {summary['workers']} workers done, "
+              f"{summary.get('epochs_run', 0)} epoch(s) trained here, {summary.get('steps_per_epoch', 0)} "
+              f"steps each; the chief writes the run directory")  # fmt: skip
+        return 0
     line = f"[train] {config.name}: best val F1 {summary['best_val_f1_score']:.4f}"
     if "evaluation" in summary:
         ev = summary["evaluation"]["metrics"]

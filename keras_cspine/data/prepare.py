@@ -44,7 +44,7 @@ from keras_cspine.data import prepare_worker as workers_
 from keras_cspine.errors import BoxError, CSpineDataError
 from keras_cspine.io.dicom import list_series_files
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout, validate_frame
-from keras_cspine.utils import atomic_path, atomic_write, write_csv, write_json
+from keras_cspine.utils import atomic_path, atomic_write, write_json
 
 CACHE_FORMAT = 1
 MARKER_FORMAT = 2  # studies/<uid>.json with an input fingerprint (format 1 had none)
@@ -282,23 +282,15 @@ def prepare_dataset(
         progress: show a tqdm bar.
 
     Returns:
-        The summary written to ``prepare.json``.
+        The summary written to ``prepare.json`` (one shard of the studies: :mod:`.prepare_shards`).
 
     Raises:
         ValueError: an argument value out of range.
         CSpineDataError: a path that cannot serve (naming it), bad input with ``on_error="raise"``,
             or another ``prepare`` writing into ``out_dir``.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    settings = PrepareSettings(size=size, mode=mode, split=split)
+    settings = _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices)
     cores = os.cpu_count() or 1
-    for name, value, default in (("workers", workers, f"all {cores} cores"),
-                                 ("limit", limit, "every study"), ("chunk_slices", chunk_slices, "")):  # fmt: skip
-        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        if (value is not None or not default) and (not whole or value < 1):
-            hint = f" (None for {default})" if default else ""
-            raise ValueError(f"{name} must be a whole number >= 1{hint}, got {value!r}")
     data, out = Path(data_dir), Path(out_dir)
     layout = _check_folders(data, out, split)
     uids = _select_studies(layout, split, studies, limit)
@@ -306,6 +298,20 @@ def prepare_dataset(
     with workers_.exclusive_folder(out), workers_.sigterm_exits():
         return _Prepare(layout, out, settings, uids, on_error == "skip", workers or cores,
                         chunk_slices, decoder, progress).run()  # fmt: skip
+
+
+def _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices) -> PrepareSettings:
+    """The settings of :func:`prepare_dataset`'s arguments, or a ValueError naming the bad one."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    cores = os.cpu_count() or 1
+    for name, value, default in (("workers", workers, f"all {cores} cores"),
+                                 ("limit", limit, "every study"), ("chunk_slices", chunk_slices, "")):  # fmt: skip
+        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if (value is not None or not default) and (not whole or value < 1):
+            hint = f" (None for {default})" if default else ""
+            raise ValueError(f"{name} must be a whole number >= 1{hint}, got {value!r}")
+    return PrepareSettings(size=size, mode=mode, split=split)
 
 
 def _check_folders(data: Path, out: Path, split: str) -> RsnaLayout:
@@ -416,11 +422,9 @@ class _Prepare:
         index_digest = _digest([[uid, markers[uid].get("rows_sha1")] for uid in done])
         if (not (out / "index.csv").is_file() or previous is None
                 or previous.get("index_digest") != index_digest):  # fmt: skip
-            parts = [pd.read_csv(self.rows_path(u), dtype=str, keep_default_na=False) for u in done]
-            index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=INDEX_COLUMNS)
-            with atomic_write(out / "index.csv", newline="") as handle:
-                index[list(INDEX_COLUMNS)].to_csv(handle, index=False)
-        errors = self._write_errors([e for uid in done for e in markers[uid].get("errors", [])])
+            workers_.write_index(out, [self.rows_path(u) for u in done], INDEX_COLUMNS)
+        errors = workers_.write_errors(out, [*[e for u in done for e in markers[u].get("errors", [])],
+                                     *self.failures])  # exactly the current failures
         changed = {s.uid: s.why for s in todo if s.why != ["new"] and s.uid in self.finished}
         self._report(changed, len(reused))
         summary = {
@@ -494,18 +498,6 @@ class _Prepare:
         if self.strict and marker.get("errors"):
             return ["errors recorded by an --on-error skip run"]
         return []
-
-    def _write_errors(self, recorded: list[dict[str, str]]) -> list[dict[str, str]]:
-        """errors.csv: exactly the current failures (rewritten atomically; removed when none)."""
-        errors: list[dict[str, str]] = []
-        for error in [*recorded, *self.failures]:
-            row = {"path": str(error.get("path", "")), "problem": str(error.get("problem", ""))}
-            errors += [row] if row not in errors else []
-        if errors:
-            write_csv(self.out / "errors.csv", errors, ["path", "problem"])
-        else:
-            (self.out / "errors.csv").unlink(missing_ok=True)
-        return errors
 
     def _report(self, changed: dict[str, list[str]], n_reused: int) -> None:
         by_reason: dict[str, list[str]] = {}

@@ -254,3 +254,33 @@ def _worker_context() -> multiprocessing.context.BaseContext:
         context.set_forkserver_preload(preload)
         return context
     return multiprocessing.get_context("spawn")
+
+
+# --------------------------------------------------------------------------------------------
+# The shared files of a prepare folder (one run, or the merge of its shards)
+# --------------------------------------------------------------------------------------------
+def write_index(out: Path, rows_paths: Sequence[Path], columns: Sequence[str]) -> None:
+    """``out/index.csv``: the per-study rows files (``studies/<uid>.csv``), in the order given."""
+    import pandas as pd
+
+    from keras_cspine.utils import atomic_write
+
+    parts = [pd.read_csv(path, dtype=str, keep_default_na=False) for path in rows_paths]
+    index = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(columns))
+    with atomic_write(out / "index.csv", newline="") as handle:
+        index[list(columns)].to_csv(handle, index=False)
+
+
+def write_errors(out: Path, errors_in: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """``out/errors.csv``: the errors given, each once (rewritten atomically; removed when none)."""
+    from keras_cspine.utils import write_csv
+
+    errors: list[dict[str, str]] = []
+    for error in errors_in:
+        row = {"path": str(error.get("path", "")), "problem": str(error.get("problem", ""))}
+        errors += [row] if row not in errors else []
+    if errors:
+        write_csv(out / "errors.csv", errors, ["path", "problem"])
+    else:
+        (out / "errors.csv").unlink(missing_ok=True)
+    return errors

@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,14 @@ class DemoSettings:
             raise ValueError(f"the demo needs at least 4 studies, got {self.studies!r}")
 
     @classmethod
+    def quick(cls, **changes: Any) -> DemoSettings:
+        """``demo --quick``: every step on a handful of tiny studies in 2-3 minutes, a check that
+        the pipeline runs end to end; its figures mean nothing."""
+        base = cls(studies=6, preset="tiny", image_size=32, holdout_fraction=0.34,
+                   stage1_epochs=1, detect_epochs=1, detect_imgsz=64, export_size=64)  # fmt: skip
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
     def paper(cls, **changes: Any) -> DemoSettings:
         """The paper's configurations, for the real Kaggle data (``--data``)."""
         base = cls(image_size=224, mode="paper", stage1_config="stage1_gcvit_tiny",
@@ -126,7 +134,11 @@ def _cpu_seconds() -> float:
 
 
 class Demo:
-    """Runs named steps in order, records their time and results, and skips finished ones."""
+    """Runs named steps in order, records their time and results, and skips finished ones.
+
+    A step may also run as a subprocess in the background (:meth:`start`, :meth:`finish`),
+    beside the steps that follow it: stage 2 trains on one core while stage 1 uses the others.
+    """
 
     def __init__(self, out: Path):
         self.out = out
@@ -135,6 +147,50 @@ class Demo:
         self.state: dict[str, Any] = (
             json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         )
+        self.background: dict[str, tuple[float, float, subprocess.Popen, Path]] = {}
+
+    def _record(self, name: str, started: float, cpu: float, result: dict[str, Any]) -> None:
+        seconds = round(time.perf_counter() - started, 1)
+        self.state[name] = {"seconds": seconds, "cpu_seconds": round(_cpu_seconds() - cpu, 1),
+                            "result": result}  # fmt: skip
+        write_json(self.state_path, self.state)
+        print(f"[demo] {name}: {seconds} s", flush=True)
+
+    def start(self, name: str, command: Sequence[str], log_path: Path) -> None:
+        """Start step ``name`` as ``command`` in the background, its output going to
+        ``log_path`` (kept: the step's own log); nothing when an earlier run finished it."""
+        if name in self.state:
+            return
+        print(f"[demo] {name} ... in the background beside the next steps (log: {log_path})",
+              flush=True)  # fmt: skip
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=_child_env())  # fmt: skip
+        self.background[name] = (time.perf_counter(), _cpu_seconds(), process, log_path)
+
+    def finish(self, name: str, collect: Callable[[int, Path], dict[str, Any]]) -> dict[str, Any]:
+        """Wait for background step ``name``; ``collect(exit_status, log_path)`` gives its result."""
+        if name in self.state:
+            print(f"[demo] {name}: done earlier, kept ({self.state[name]['seconds']} s then)")
+            return self.state[name]["result"]
+        started, cpu, process, log_path = self.background.pop(name)
+        if process.poll() is None:
+            print(f"[demo] {name}: waiting for it to finish (log: {log_path})", flush=True)
+        result = collect(process.wait(), log_path)
+        self._record(name, started, cpu, result)
+        return result
+
+    def stop_background(self) -> None:
+        """End every background step still running (the demo failed or was interrupted)."""
+        for _, _, process, _ in self.background.values():
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        self.background.clear()
 
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run ``fn`` as step ``name`` unless an earlier run finished it; return its result."""
@@ -144,11 +200,7 @@ class Demo:
         print(f"[demo] {name} ...", flush=True)
         started, cpu = time.perf_counter(), _cpu_seconds()
         result = fn()
-        seconds = round(time.perf_counter() - started, 1)
-        self.state[name] = {"seconds": seconds, "cpu_seconds": round(_cpu_seconds() - cpu, 1),
-                            "result": result}  # fmt: skip
-        write_json(self.state_path, self.state)
-        print(f"[demo] {name}: {seconds} s", flush=True)
+        self._record(name, started, cpu, result)
         return result
 
 
@@ -236,8 +288,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def train_detector_subprocess(export_dir: Path, run_dir: Path, settings: DemoSettings) -> dict:
-    """``python -m keras_cspine detect train`` in a fresh interpreter (its output streams here)."""
+def detector_command(export_dir: Path, run_dir: Path, settings: DemoSettings) -> list[str]:
+    """``python -m keras_cspine detect train`` for a fresh interpreter (torch must not share a
+    process with TensorFlow)."""
     command = [
         sys.executable, "-m", "keras_cspine", "detect", "train", str(export_dir),
         "--out", str(run_dir), "--model", settings.detect_model,
@@ -248,14 +301,22 @@ def train_detector_subprocess(export_dir: Path, run_dir: Path, settings: DemoSet
         command += ["--config", settings.detect_config]
     for item in settings.detect_extra:
         command += ["--set", f"extra.{item}"]
-    result = subprocess.run(command, env=_child_env())
+    return command
+
+
+def detector_result(run_dir: Path, status: int, log_path: Path) -> dict[str, Any]:
+    """What the demo keeps of a finished ``detect train``; its log's end when it failed."""
     metrics_path = run_dir / runs.METRICS_FILE
-    if result.returncode != 0 or not metrics_path.is_file():
-        raise RuntimeError(f"stage 2 training failed (exit {result.returncode}): "
-                           f"{' '.join(command)}")  # fmt: skip
+    if status != 0 or not metrics_path.is_file():
+        tail = log_path.read_text(errors="replace").splitlines()[-25:] if log_path.is_file() else []
+        print("\n".join(tail), file=sys.stderr)
+        raise RuntimeError(f"stage 2 training failed (exit {status}); its log: {log_path}")
     metrics = json.loads(metrics_path.read_text())
-    keep = ("model", "images", "instances", "precision", "recall", "mAP50", "mAP50-95", "onnx")
-    return {"run_dir": str(run_dir), **{k: metrics.get(k) for k in keep}}
+    keep = ("model", "imgsz", "images", "instances", "precision", "recall", "mAP50", "mAP50-95",
+            "onnx", "train_seconds")  # fmt: skip
+    return {"run_dir": str(run_dir), "log": str(log_path),
+            "epochs": metrics.get("config", {}).get("config", {}).get("epochs"),
+            **{k: metrics.get(k) for k in keep}}  # fmt: skip
 
 
 def train_stage1_step(prepared: Path, run_dir: Path, settings: DemoSettings) -> dict[str, Any]:
@@ -270,7 +331,11 @@ def train_stage1_step(prepared: Path, run_dir: Path, settings: DemoSettings) -> 
     summary = train_stage1(config, prepared, run_dir, overwrite=True,
                            verbose=1 if sys.stdout.isatty() else 2)  # a live bar in a terminal
     evaluation = summary.get("evaluation", {})
+    data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
     return {
+        "image_size": settings.image_size, "mode": settings.mode,
+        "splits": {k: {"studies": v.get("num_studies"), "slices": v.get("num_samples")}
+                   for k, v in data.items()},
         "run_dir": str(run_dir), "model": config.model.name,
         "epochs_run": summary["epochs_run"], "best_val_f1_score": summary["best_val_f1_score"],
         "split": evaluation.get("split"), "metrics": evaluation.get("metrics", {}),
@@ -336,9 +401,16 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(),
         return {"export": str(export_dir), "counts": summary["counts"]}
 
     demo.step("detect_export", detect_export)
-    stage2 = demo.step("detect_train", lambda: train_detector_subprocess(
-        export_dir, out / "stage2", settings))  # fmt: skip
-    stage1 = demo.step("stage1", lambda: train_stage1_step(prepared, out / "stage1", settings))
+    # stage 2 trains in its own process (torch) on about one core, beside stage 1
+    stage2_dir = out / "stage2"
+    demo.start("detect_train", detector_command(export_dir, stage2_dir, settings),
+               out / "logs" / "detect_train.log")  # fmt: skip
+    try:
+        stage1 = demo.step("stage1", lambda: train_stage1_step(prepared, out / "stage1", settings))
+        stage2 = demo.finish("detect_train",
+                             lambda status, log: detector_result(stage2_dir, status, log))  # fmt: skip
+    finally:
+        demo.stop_background()
     demo.step("predict", lambda: predict_step(
         Path(split["holdout"]), out / "predict", Path(stage1["run_dir"]),
         Path(stage2["run_dir"]), data_dir / "train.csv", settings))  # fmt: skip
@@ -361,55 +433,75 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def summary_text(summary: dict[str, Any]) -> str:
-    """The closing summary: where the outputs are and the figures measured."""
-    results = summary["results"]
-    lines = ["", "== keras_cspine demo: summary ==",
-             f"run folder   : {summary['run_dir']}", f"data         : {summary['data']}"]  # fmt: skip
+    """The closing summary, one screen: what was trained on what, the figures beside the
+    paper's, and where the report is."""
+    from keras_cspine.stage1.evaluate import PAPER_TABLE1
+    from keras_cspine.stage2.metrics import PAPER_TABLE3
+
+    results, settings = summary["results"], summary.get("settings", {})
+    wall = summary.get("seconds_this_run")
+    lines = ["", f"== keras_cspine demo: done{f' in {_duration(wall)}' if wall else ''} ==",
+             f"run folder : {summary['run_dir']}"]  # fmt: skip
     split = results.get("split", {})
+    source = (f"{settings.get('studies')} synthetic studies (preset {settings.get('preset')}, "
+              f"seed {settings.get('seed')})" if "synth" in results else "the given RSNA folder")  # fmt: skip
+    lines.append(f"data       : {source} in {summary['data']}")
     if split:
-        lines.append(f"held out     : {len(split['holdout_studies'])} studies "
-                     f"({split['n_holdout_fractured']} fractured); development: {split['n_dev']}")  # fmt: skip
-    prep = results.get("prepare", {})
-    if prep:
-        lines.append(f"prepared     : {summary['prepared']} ({prep.get('studies')} studies, "
-                     f"{prep.get('settings', {}).get('mode')} {prep.get('settings', {}).get('size')} "
-                     "px)")  # fmt: skip
-    figures = results.get("look", {}).get("figures", [])
-    if figures:
-        lines.append(f"figures      : {Path(figures[0]).parent} ({len(figures)} files)")
+        lines.append(f"             {len(split['holdout_studies'])} held out "
+                     f"({split['n_holdout_fractured']} fractured) for the end; {split['n_dev']} "
+                     "for development")  # fmt: skip
     s1 = results.get("stage1")
     if s1:
-        m = s1.get("metrics", {})
-        lines.append(f"stage 1      : {s1['model']}, {s1['epochs_run']} epochs; {s1.get('split')} "
-                     f"macro F1 {_fmt(m.get('macro_f1'))}, EMR {_fmt(m.get('exact_match_ratio'))}, "
-                     f"coverage error {_fmt(m.get('coverage_error'))} (Table 1; run "
-                     f"{s1['run_dir']})")  # fmt: skip
-        seq = s1.get("metrics_sequence_model")
+        sp = s1.get("splits", {})
+        train, test = sp.get("train", {}), sp.get("test", {})
+        m, seq = s1.get("metrics", {}), s1.get("metrics_sequence_model") or {}
+        paper = PAPER_TABLE1["Proposed (GCViT)"]
+        params = s1.get("parameters") or {}
+        total = (params.get("trainable") or 0) + (params.get("non_trainable") or 0)
+        lines += [
+            f"stage 1    : {s1['model']} ({total / 1e6:.1f} M parameters), "
+            f"{s1.get('image_size', '?')} px {s1.get('mode', '')}, {s1['epochs_run']} epochs on "
+            f"{train.get('slices', '?')} slices of {train.get('studies', '?')} studies",
+            f"             {s1.get('split')} split ({test.get('studies', '?')} studies, "
+            f"{test.get('slices', '?')} slices), per slice as the paper: macro F1 "
+            f"{_fmt(m.get('macro_f1'))}, EMR {_fmt(m.get('exact_match_ratio'))}, coverage error "
+            f"{_fmt(m.get('coverage_error'))}  (paper {paper[0]} / {paper[1]} / {paper[2]})",
+        ]  # fmt: skip
         if seq:
-            lines.append(f"               + sequence model: macro F1 {_fmt(seq.get('macro_f1'))}, "
-                         f"EMR {_fmt(seq.get('exact_match_ratio'))}")  # fmt: skip
+            lines.append(f"             + study sequence model (beyond the paper): macro F1 "
+                         f"{_fmt(seq.get('macro_f1'))}, EMR {_fmt(seq.get('exact_match_ratio'))}")  # fmt: skip
     s2 = results.get("detect_train")
     if s2:
-        lines.append(f"stage 2      : {s2.get('model')}; P {_fmt(s2.get('precision'))}, R "
-                     f"{_fmt(s2.get('recall'))}, mAP50 {_fmt(s2.get('mAP50'))}, mAP50-95 "
-                     f"{_fmt(s2.get('mAP50-95'))} on {s2.get('images')} val images (Table 3; run "
-                     f"{s2['run_dir']})")  # fmt: skip
+        paper = PAPER_TABLE3["yolov8s"]
+        lines.append(f"stage 2    : {s2.get('model')}, {s2.get('epochs', '?')} epochs at "
+                     f"{s2.get('imgsz', '?')} px; val ({s2.get('images')} images): P "
+                     f"{_fmt(s2.get('precision'))}, R {_fmt(s2.get('recall'))}, mAP50 "
+                     f"{_fmt(s2.get('mAP50'))}  (paper, YOLOv8s: {paper[0]} / {paper[1]} / "
+                     f"{paper[2]})")  # fmt: skip
     pred = results.get("predict")
     if pred:
-        files = pred.get("files", {})
-        lines.append(f"pipeline     : {pred['n_ok']}/{pred['n_studies']} held-out studies, stage 2 "
-                     f"on {pred['n_gated']}/{pred['n_slices']} slices "
-                     f"({(pred.get('gated_fraction') or 0):.0%}), "
-                     f"{_fmt(pred.get('seconds_per_study'), 1)} s per study")  # fmt: skip
         ev = pred.get("evaluation")
+        lines.append(f"held out   : {pred['n_ok']}/{pred['n_studies']} studies through both "
+                     f"stages, {_fmt(pred.get('seconds_per_study'), 1)} s a study")  # fmt: skip
         if ev:
-            lines.append(f"evaluation   : RSNA weighted log loss {_fmt(ev['rsna_weighted_log_loss'], 4)}"
-                         f", mean vertebra AUC {_fmt(ev['mean_vertebra_auc'])}, patient AUC "
-                         f"{_fmt(ev['patient_auc'])} ({ev['n_studies']} studies)")  # fmt: skip
-        lines.append(f"submission   : {files.get('submission')}")
-        if files.get("index"):
-            lines.append(f"report       : {files['index']}")
-    lines.append("time (s)     : " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items())
-                 + f"; total {round(sum(summary['steps'].values()), 1)}")  # fmt: skip
+            lines.append(f"             RSNA weighted log loss {_fmt(ev['rsna_weighted_log_loss'], 4)}"
+                         f", patient AUC {_fmt(ev['patient_auc'])}, mean vertebra AUC "
+                         f"{_fmt(ev['mean_vertebra_auc'])} ({ev['n_studies']} studies)")  # fmt: skip
+    if "synth" in results:
+        lines.append("vs paper   : synthetic anatomy, not CT of patients; "
+                     f"{settings.get('image_size')} px and a narrow GCViT from scratch against "
+                     "224 px GCViT-tiny from ImageNet; a few hundred studies against 2,019")  # fmt: skip
+    if pred:
+        files = pred.get("files", {})
+        lines.append(f"report     : {files.get('index')}")
+        lines.append(f"submission : {files.get('submission')}")
+    if s1:
+        lines.append(f"tensorboard: tensorboard --logdir {Path(s1['run_dir']) / 'tensorboard'}")
+    lines.append("time (s)   : " + ", ".join(f"{k} {v}" for k, v in summary["steps"].items()))
     return "\n".join(lines)

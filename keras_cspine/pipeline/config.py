@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from keras_cspine.io.rsna import VERTEBRAE
 
 AGGREGATIONS = ("max", "noisy_or")
+#: ``keras_cspine.stage1.fast_inference.ENGINES`` (not imported: this module stays light)
+STAGE1_ENGINES = ("auto", "keras", "xla", "onnx", "onnx_int8")
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -35,6 +37,16 @@ class PredictConfig:
         report: ``"html"``, ``"markdown"`` or ``"none"``.
         key_slices: slices with the strongest boxes drawn in a report.
         threads: onnxruntime intra-op threads (None: its default).
+        stage1_engine: how stage 1 runs (:mod:`keras_cspine.stage1.fast_inference`): ``auto``
+            (plain Keras: the fastest for GCViT-tiny at 224 px on the CPU), ``keras``, ``xla``,
+            ``onnx`` (all float32, within 1e-4 of Keras) or ``onnx_int8`` (int8 weights,
+            reduced precision: its results are not those of the others).
+        report_workers: processes drawing the reports while the next study is predicted
+            (0: drawn in the predicting process, one after the other).
+        gate_stride: with ``gating``, stage 2 first looks at every ``gate_stride``-th gated
+            slice, then at the neighbours of every slice where it found a box, until a slice
+            without one (:func:`keras_cspine.pipeline.results.refine_slices`); 1 looks at every
+            gated slice.
     """
 
     gating: bool = True
@@ -52,8 +64,18 @@ class PredictConfig:
     report: str = "html"
     key_slices: int = 4
     threads: int | None = None
+    stage1_engine: str = "auto"
+    report_workers: int = 1
+    gate_stride: int = 2
 
     def __post_init__(self):
+        if self.stage1_engine not in STAGE1_ENGINES:
+            raise ValueError(f"stage1_engine must be one of {STAGE1_ENGINES}, got "
+                             f"{self.stage1_engine!r}")  # fmt: skip
+        if self.report_workers < 0:
+            raise ValueError(f"report_workers must be >= 0, got {self.report_workers!r}")
+        if self.gate_stride < 1:
+            raise ValueError(f"gate_stride must be >= 1, got {self.gate_stride!r}")
         for name in ("presence_threshold", "box_conf", "box_iou"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -77,7 +99,8 @@ class PredictConfig:
     def digest(self) -> str:
         """What a study's result depends on (the report settings excluded)."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("batch_size", "report", "key_slices", "threads")}  # fmt: skip
+                if k not in ("batch_size", "report", "key_slices", "threads", "stage1_engine",
+                             "report_workers") and (k != "gate_stride" or v != 1)}  # fmt: skip
         return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
     def prior(self) -> dict[str, float]:

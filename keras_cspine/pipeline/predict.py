@@ -74,13 +74,14 @@ from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import TARGETS
 from keras_cspine.pipeline.config import DEFAULT_PREDICT_CONFIG, PredictConfig
 from keras_cspine.pipeline.evaluate import evaluate_predictions, evaluation_markdown
-from keras_cspine.pipeline.report import write_index, write_study_report
+from keras_cspine.pipeline.report import ReportPool, save_report_images, write_index
 from keras_cspine.pipeline.results import (
     Box,
     StudyResult,
     aggregate_study,
     assign_boxes,
     gate_slices,
+    refine_slices,
 )
 from keras_cspine.pipeline.studies import (
     StudyName,
@@ -170,10 +171,15 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
     roi = None
     if stage2 is not None:
         roi = stage2.study_roi(hu, numbers, first.pixel_spacing)
-        for i in np.flatnonzero(gated):
+
+        def look(i: int) -> bool:
             xywh, scores = stage2.detect(hu[i], roi)
             boxes.extend(Box(int(i), int(numbers[i]), *map(float, b), score=float(s))
                          for b, s in zip(xywh, scores))  # fmt: skip
+            return len(scores) > 0
+
+        stride = config.gate_stride if config.gating else 1
+        gated = refine_slices(gated, stride, look)
     boxes = assign_boxes(boxes, probabilities, config.presence_threshold)
     boxes.sort(key=lambda b: (-b.score, b.series_index))
     fracture = aggregate_study(boxes, config)
@@ -242,6 +248,11 @@ def _load_models(stage1, stage2, runs, config: PredictConfig):
         stage1 = Stage1Model.load(path)
     else:
         choice["stage1"] = {"chosen": "given"}
+    if stage1.runner is None:  # a given model that already has its engine keeps it
+        stage1.use_engine(config.stage1_engine, threads=config.threads)
+    if stage1.engine.get("fallback"):
+        _say(f"stage 1 engine {config.stage1_engine}: {stage1.engine['fallback']}; Keras used")
+    choice["stage1"]["engine"] = dict(stage1.engine)
     if not isinstance(stage2, Stage2Model):
         path, choice["stage2"] = _choose("stage 2", stage2, runs, stage2_runs(runs), "--stage2",
                                          "detect train")  # fmt: skip
@@ -356,6 +367,7 @@ def predict(
     labels: str | os.PathLike | pd.DataFrame | None = None,
     limit: int | None = None,
     progress: bool = True,
+    studies: list[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Two-stage inference on every study of ``input_path``; writes ``out_dir`` (see the module).
 
@@ -371,6 +383,9 @@ def predict(
         config: :class:`PredictConfig`.
         labels: a ``train.csv`` (path or frame) to evaluate against (:func:`evaluate_predictions`).
         limit: at most this many studies (sorted; >= 1), for quick looks.
+        studies: run these study folders (in this order) instead of those of ``input_path``,
+            which then only names the input in the summary (one shard of a job array:
+            :func:`keras_cspine.pipeline.shards.predict_shard`).
         progress: a progress bar over studies.
 
     Returns:
@@ -389,7 +404,8 @@ def predict(
         raise ValueError(f"limit must be an integer >= 1 (or None: every study), got {limit!r}")
     out = Path(out_dir).absolute()
     _check_out(out)
-    studies = find_studies(input_path, exclude=out)[: limit or None]
+    studies = (find_studies(input_path, exclude=out) if studies is None
+               else [Path(folder).absolute() for folder in studies])[: limit or None]  # fmt: skip
     stage1, stage2, choice = _load_models(stage1, stage2, runs, config)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -415,6 +431,8 @@ def predict(
             table.append({"StudyInstanceUID": name.uid, **config.prior(), "n_slices": 0,
                           "n_gated": 0, "n_boxes": 0, "status": "failed"})  # fmt: skip
 
+    pool = (ReportPool(config.report_workers, config.report, config.presence_threshold)
+            if config.report != "none" else None)  # fmt: skip
     bar = tqdm(studies, desc="predict", unit="study", disable=not progress)
     for folder in bar:
         name = name_study(folder, read_study_uid(folder))
@@ -453,12 +471,12 @@ def predict(
                 fail(name, folder, err.path or str(folder), err.problem)
                 continue
             seen[uid] = name.folder
-            if config.report != "none":
-                started = time.perf_counter()
-                reports[uid] = str(write_study_report(
-                    result, out / "reports" / uid, fmt=config.report,
-                    threshold=config.presence_threshold))  # fmt: skip
-                result.timings["report"] = time.perf_counter() - started
+            started = time.perf_counter()
+            if pool is not None:
+                pool.submit(result, out / "reports" / uid)
+            else:  # the images a later `report` command draws from
+                save_report_images(result, out / "report_data" / f"{uid}.npz")
+            result.timings["report"] = time.perf_counter() - started
             write_json(json_path, {**result.to_json(config.presence_threshold),
                                    "settings_digest": digest, "config_digest": config.digest(),
                                    "models": models})  # fmt: skip
@@ -477,6 +495,14 @@ def predict(
                       "n_gated": int(result.gated.sum()), "n_boxes": len(result.boxes),
                       "status": "ok"})  # fmt: skip
     bar.close()
+    report_failures: dict[str, str] = {}
+    if pool is not None:  # the reports still being drawn: the critical path waits for them
+        started = time.perf_counter()
+        drawn, report_failures = pool.close()
+        totals["report"] += time.perf_counter() - started
+        reports.update(drawn)
+        for uid, problem in report_failures.items():
+            _say(f"{uid}: the report could not be drawn: {problem}")
 
     files = {"submission": str(out / "submission.csv"), "predictions": str(out / "predictions.csv")}
     write_submission(pd.DataFrame(rows, columns=["row_id", "fractured"]), out / "submission.csv")
@@ -507,6 +533,8 @@ def predict(
         "errors": errors,
         "warnings": warnings,
         "reports": reports,
+        "report_failures": report_failures,
+        "report_render_s": round(pool.render_seconds, 3) if pool is not None else 0.0,
         "files": files,
     }
     if labels is not None:

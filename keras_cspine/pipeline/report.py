@@ -36,8 +36,12 @@ __all__ = [
     "figure_key_slices",
     "figure_overview",
     "figure_vertebra_bars",
+    "ReportPool",
     "render_html",
+    "load_study_result",
     "render_markdown",
+    "render_saved_reports",
+    "save_report_images",
     "write_index",
     "write_study_report",
 ]
@@ -317,3 +321,198 @@ def write_index(table: Sequence[Mapping[str, Any]], reports: Mapping[str, str],
     with atomic_write(path, encoding="utf-8") as handle:
         handle.write(page)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering off the critical path
+# --------------------------------------------------------------------------------------------
+def _render_job(result: StudyResult, folder: str, fmt: str, threshold: float) -> tuple[str, float, bool]:
+    """One report, in a worker: (path, seconds, whether TensorFlow was loaded in the worker)."""
+    import sys
+    import time
+
+    started = time.perf_counter()
+    path = write_study_report(result, folder, fmt=fmt, threshold=threshold)
+    return str(path), time.perf_counter() - started, "tensorflow" in sys.modules
+
+
+class ReportPool:
+    """Draws study reports (:func:`write_study_report`) in worker processes while the caller
+    goes on with the next study.
+
+    The workers are started with ``spawn``: they inherit no TensorFlow state (and import none:
+    this module needs matplotlib and NumPy only), so the TensorFlow-before-torch trap and
+    TensorFlow's threads stay in the parent. A report that fails is named with its study in
+    :attr:`failures` (uid -> problem) and costs no other output; if the pool itself breaks, the
+    studies not drawn yet are drawn in this process.
+
+    Args:
+        workers: processes (0: draw in this process, at :meth:`submit`).
+        fmt: ``"html"`` or ``"markdown"``.
+        threshold: the presence threshold drawn in the figures.
+    """
+
+    def __init__(self, workers: int = 1, fmt: str = "html", threshold: float = 0.5):
+        if fmt not in ("html", "markdown"):
+            raise ValueError(f"fmt must be 'html' or 'markdown', got {fmt!r}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers!r}")
+        self.fmt, self.threshold, self.workers = fmt, float(threshold), int(workers)
+        self.reports: dict[str, str] = {}
+        self.failures: dict[str, str] = {}
+        #: seconds spent drawing, summed over the studies (in the workers)
+        self.render_seconds = 0.0
+        #: whether any worker had TensorFlow loaded (never, unless something is wrong)
+        self.tensorflow_in_worker = False
+        self._pending: dict[Any, tuple[StudyResult, str]] = {}
+        self._executor = None
+
+    def _pool(self):
+        if self._executor is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._executor = ProcessPoolExecutor(self.workers,
+                                                 mp_context=multiprocessing.get_context("spawn"))  # fmt: skip
+        return self._executor
+
+    def _record(self, uid: str, job: tuple[str, float, bool] | None, error: BaseException | None):
+        if error is not None:
+            self.failures[uid] = f"{type(error).__name__}: {error}"
+            return
+        path, seconds, tensorflow = job
+        self.reports[uid] = path
+        self.render_seconds += seconds
+        self.tensorflow_in_worker |= tensorflow
+
+    def _inline(self, result: StudyResult, folder: str) -> None:
+        try:
+            job = _render_job(result, folder, self.fmt, self.threshold)
+        except Exception as err:  # noqa: BLE001 - one study's report, named in failures
+            self._record(result.uid, None, err)
+        else:
+            self._record(result.uid, job, None)
+
+    def submit(self, result: StudyResult, folder: str | os.PathLike) -> None:
+        """Draw ``result``'s report into ``folder`` (in a worker when there are workers)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.workers == 0:
+            self._inline(result, str(folder))
+            return
+        self._collect(block=False)
+        try:
+            future = self._pool().submit(_render_job, result, str(folder), self.fmt, self.threshold)
+        except BrokenProcessPool:
+            self._inline(result, str(folder))
+            return
+        self._pending[future] = (result, str(folder))
+
+    def _collect(self, block: bool) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        while self._pending:
+            done, _ = wait(list(self._pending), timeout=None if block else 0,
+                           return_when=FIRST_COMPLETED)  # fmt: skip
+            if not done:
+                return
+            for future in done:
+                result, folder = self._pending.pop(future)
+                try:
+                    self._record(result.uid, future.result(), None)
+                except BrokenProcessPool:  # the worker died: draw it here
+                    self._inline(result, folder)
+                except Exception as err:  # noqa: BLE001 - named in failures
+                    self._record(result.uid, None, err)
+
+    def close(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Wait for every report; (uid -> report path, uid -> problem of the failed ones)."""
+        try:
+            self._collect(block=True)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+        return self.reports, self.failures
+
+    def __enter__(self) -> ReportPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reports later, from what predict saved (``predict --report none``, then ``report OUT``)
+# --------------------------------------------------------------------------------------------
+def save_report_images(result: StudyResult, path: str | os.PathLike) -> Path:
+    """The images of a study's report (sagittal projection, key slices) beside its JSON,
+    atomically, so that :func:`render_saved_reports` draws the same report later."""
+    from keras_cspine.utils import atomic_path
+
+    arrays = {f"key_{number}": image for number, image in result.key_slices.items()}
+    if result.sagittal is not None:
+        arrays["sagittal"] = result.sagittal
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return Path(path)
+
+
+def load_study_result(json_path: str | os.PathLike) -> StudyResult:
+    """A study's result from ``OUT/studies/<UID>.json`` with its report images
+    (``OUT/report_data/<UID>.npz``, written by ``predict --report none``, when there)."""
+    import json
+
+    json_path = Path(json_path)
+    result = StudyResult.from_json(json.loads(json_path.read_text(encoding="utf-8")))
+    images = json_path.parent.parent / "report_data" / f"{json_path.stem}.npz"
+    if images.is_file():
+        with np.load(images, allow_pickle=False) as data:
+            result.sagittal = data["sagittal"] if "sagittal" in data.files else None
+            keys = sorted((int(k[4:]) for k in data.files if k.startswith("key_")),
+                          key=lambda n: next(i for i, b in enumerate(result.boxes)
+                                             if b.slice_number == n))  # fmt: skip
+            result.key_slices = {n: data[f"key_{n}"] for n in keys}
+    return result
+
+
+def render_saved_reports(out: str | os.PathLike, fmt: str = "html", workers: int = 1,
+                         threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Draw the reports of every study ``predict`` saved in ``out/studies`` (and ``index.html``
+    from ``out/predictions.csv``): ``{"reports": uid -> path, "failures": uid -> problem}``.
+
+    The threshold is the one predict used (``out/predict_config.yaml``) unless given.
+    """
+    import csv
+
+    from keras_cspine.errors import CSpineDataError
+
+    out = Path(out)
+    studies = out / "studies"
+    if not studies.is_dir():
+        raise CSpineDataError(out, "holds no studies/ folder: not an output of predict")
+    if threshold is None:
+        import yaml
+
+        config_file = out / "predict_config.yaml"
+        settings = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}) if (
+            config_file.is_file()) else {}  # fmt: skip
+        threshold = float(settings.get("presence_threshold", 0.5))
+    failures: dict[str, str] = {}
+    with ReportPool(workers, fmt, threshold) as pool:
+        for json_path in sorted(studies.glob("*.json")):
+            try:
+                result = load_study_result(json_path)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                failures[json_path.stem] = f"{json_path}: cannot be read: {err}"
+                continue
+            pool.submit(result, out / "reports" / result.uid)
+        reports, failed = pool.close()
+    failures.update(failed)
+    table_path = out / "predictions.csv"
+    if table_path.is_file() and reports:
+        with open(table_path, newline="", encoding="utf-8") as handle:
+            table = list(csv.DictReader(handle))
+        write_index(table, reports, out)
+    return {"reports": reports, "failures": failures}

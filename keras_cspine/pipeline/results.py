@@ -5,7 +5,7 @@ vertebrae and the study-level aggregation (pure functions of the model outputs),
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,36 @@ def gate_slices(probabilities: np.ndarray, threshold: float = 0.5, enabled: bool
     if not enabled:
         return np.ones(len(probabilities), dtype=bool)
     return probabilities.max(axis=1) >= threshold
+
+
+def refine_slices(candidates: np.ndarray, stride: int, look: Callable[[int], bool]) -> np.ndarray:
+    """The slices stage 2 looks at, coarse to fine: every ``stride``-th candidate slice (the
+    first and last of each run of candidates included), then, around every slice where ``look``
+    (stage 2 on slice ``i``: did it find a box?) says yes, its candidate neighbours, until a
+    slice without a box. A fracture seen on at least ``stride`` consecutive slices is found
+    whole; ``stride`` 1 looks at every candidate. Returns the boolean ``(Z,)`` of the slices
+    looked at; ``look`` is called once per such slice, in increasing order of the first pass.
+    """
+    candidates = np.asarray(candidates, dtype=bool)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride!r}")
+    index = np.flatnonzero(candidates)
+    first = set(index[::stride].tolist())
+    if len(index):  # the ends of every run of candidates
+        breaks = np.flatnonzero(np.diff(index) > 1)
+        first |= {int(index[0]), int(index[-1])} | set(index[breaks].tolist()) | set(
+            index[breaks + 1].tolist())
+    seen = np.zeros(len(candidates), dtype=bool)
+    queue = sorted(first)
+    while queue:
+        i = queue.pop(0)
+        if seen[i]:
+            continue
+        seen[i] = True
+        if look(i):
+            queue[:0] = [j for j in (i - 1, i + 1)
+                         if 0 <= j < len(candidates) and candidates[j] and not seen[j]]  # fmt: skip
+    return seen
 
 
 def assign_boxes(boxes: Sequence[Box], probabilities: np.ndarray, threshold: float = 0.5) -> list[Box]:

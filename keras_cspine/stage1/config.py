@@ -133,7 +133,10 @@ class TrainConfig:
         steps_per_epoch: cap on batches per epoch (None: the whole split).
         seed: seeds Python, NumPy, Keras, shuffling and augmentation.
         mixed_precision: None, "mixed_float16" or "mixed_bfloat16".
-        strategy: "default" (one device) or "mirrored" (tf.distribute.MirroredStrategy).
+        strategy: "default" (one device), "mirrored" (tf.distribute.MirroredStrategy: the
+            devices of one machine) or "multi_worker" (tf.distribute.MultiWorkerMirroredStrategy
+            over the machines and processes named by the ``TF_CONFIG`` environment variable;
+            ``batch_size`` is then per worker, see :mod:`keras_cspine.stage1.distribute`).
         jit_compile: XLA compilation of the train step (None: Keras' "auto"). On CPU, False is
             often faster for GCViT (XLA compile time dominates short runs).
         evaluate: evaluate the best model on the held-out split when training ends.
@@ -169,8 +172,9 @@ class TrainConfig:
                 f"mixed_precision must be null, mixed_float16 or mixed_bfloat16, "
                 f"got {self.mixed_precision!r}"
             )
-        if self.strategy not in ("default", "mirrored"):
-            raise ValueError(f"strategy must be 'default' or 'mirrored', got {self.strategy!r}")
+        if self.strategy not in ("default", "mirrored", "multi_worker"):
+            raise ValueError(f"strategy must be 'default', 'mirrored' or 'multi_worker', got "
+                             f"{self.strategy!r}")  # fmt: skip
         if self.warmup_epochs < 0 or self.reduce_lr_cooldown < 0 or self.reduce_lr_min_delta < 0:
             raise ValueError(
                 f"warmup_epochs, reduce_lr_cooldown and reduce_lr_min_delta must be >= 0, got "

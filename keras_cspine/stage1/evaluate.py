@@ -209,24 +209,73 @@ def _level_decoder(run_dir: Path, prepared: Path, train_studies: Sequence[str]):
     return decoder
 
 
+def labelled_studies(prepared: str | os.PathLike) -> list[str]:
+    """The studies of a prepare folder with known slice labels (a segmentation), sorted."""
+    from keras_cspine.data.prepare import load_index
+
+    index = load_index(prepared)
+    return sorted(set(index.loc[index["labels_known"] == 1, "StudyInstanceUID"]))
+
+
+def check_overlap(splits: Mapping[str, Sequence[str]], uids: Sequence[str], data: Path,
+                  run_dir: Path) -> list[str]:  # fmt: skip
+    """The studies of ``uids`` the run was fitted (train split) or selected (val split: its
+    checkpoint and learning rate followed them) on; an error naming them unless there are none."""
+    seen = {uid: name for name in ("val", "train") for uid in splits.get(name) or ()}
+    shared = [uid for uid in uids if uid in seen]
+    if shared:
+        counts = ", ".join(f"{sum(seen[u] == name for u in shared)} in its {name} split"
+                           for name in ("train", "val") if any(seen[u] == name for u in shared))  # fmt: skip
+        raise CSpineDataError(data, f"{len(shared)} of its {len(uids)} labelled studies were "
+                              f"seen in training by {run_dir} ({counts}; e.g. {shared[0]}): "
+                              "their scores would flatter the model; evaluate on other studies, "
+                              "or pass --allow-overlap to score them anyway")  # fmt: skip
+    return shared
+
+
+def _check_mode(run_dir: Path, data: Path) -> None:
+    """Refuse data prepared with another preprocessing mode than the run was trained on."""
+    from keras_cspine.data.prepare import read_settings
+
+    record = runs.read_preprocessing(run_dir)
+    mode = (read_settings(data).get("settings") or {}).get("mode")
+    if record is not None and mode is not None and record["mode"] != mode:
+        raise CSpineDataError(data, f"prepared with mode {mode!r}, but {run_dir} was trained on "
+                              f"{record['mode']!r} images: prepare the data with --mode "
+                              f"{record['mode']}")  # fmt: skip
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     split: str = "test",
     prepared: str | os.PathLike | None = None,
     batch_size: int | None = None,
+    *,
+    data: str | os.PathLike | None = None,
+    allow_overlap: bool = False,
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a training run's best model on one split and write the tables and figure.
+    """Evaluate a training run's best model on one split, or on any prepared data, and write the
+    tables and figures.
 
     Args:
         run_dir: a directory written by :func:`keras_cspine.stage1.train.train_stage1`.
         split: "test", "val" or "train" (the studies listed in ``splits.json``).
         prepared: another prepare folder holding those studies (default: the training one).
         batch_size: prediction batch size (default: the run's).
+        data: a prepare folder whose every labelled study is scored instead of a split (e.g. a
+            set drawn with another seed, or another hospital's). Refused when it holds studies
+            of the run's train or val split (by StudyInstanceUID), or was prepared with another
+            mode than the run's.
+        allow_overlap: score ``data`` even when it shares studies with the run's training.
+        out_dir: where the files of a ``data`` evaluation go (default
+            ``RUN/evaluations/<data folder name>``; a split's evaluation writes into the run).
 
     Returns:
-        ``{"split", "metrics", "metrics_level_decoded", "parameters", "table1_row",
-        "table1_row_level_decoded", "metrics_sequence_model", "table1_row_sequence_model",
-        "table2", "files"}`` (the two sequence model entries None for runs without one).
+        ``{"split", "data", "n_studies", "n_slices", "overlap", "metrics",
+        "metrics_level_decoded", "parameters", "table1_row", "table1_row_level_decoded",
+        "metrics_sequence_model", "table1_row_sequence_model", "table2", "files"}`` (the two
+        sequence model entries None for runs without one; ``split`` is "data" for ``data``).
     """
     import keras
 
@@ -242,13 +291,31 @@ def evaluate_run(
         splits = json.load(handle)
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if not splits.get(split):
-        raise CSpineDataError(run_dir / runs.SPLITS_FILE, f"the {split!r} split is empty")
+    overlap: list[str] = []
+    if data is not None:
+        source = Path(data)
+        uids = labelled_studies(source)
+        if not uids:
+            raise CSpineDataError(source / "index.csv", "no study with known labels (labels_known "
+                                  "1: a segmentation) to score")  # fmt: skip
+        _check_mode(run_dir, source)
+        if allow_overlap:
+            seen = set(splits.get("train") or ()) | set(splits.get("val") or ())
+            overlap = [uid for uid in uids if uid in seen]
+        else:
+            check_overlap(splits, uids, source, run_dir)
+        split = "data"
+        where = Path(out_dir) if out_dir is not None else run_dir / "evaluations" / source.resolve().name
+    else:
+        if not splits.get(split):
+            raise CSpineDataError(run_dir / runs.SPLITS_FILE, f"the {split!r} split is empty")
+        source = Path(prepared or splits["prepared"])
+        uids, where = splits[split], run_dir
     prepared = Path(prepared or splits["prepared"])
 
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     sequence = CSpineSequence(
-        prepared, splits[split], batch_size=batch_size or config.train.batch_size,
+        source, uids, batch_size=batch_size or config.train.batch_size,
         inputs=get_spec(config.model.name).inputs, metadata_columns=config.data.metadata_columns,
         image_size=config.data.image_size,
     )  # fmt: skip
@@ -274,7 +341,7 @@ def evaluate_run(
     files = {}
     extra = {
         "split": split, "n_studies": len(sequence.study_uids), "n_slices": sequence.num_samples,
-        "image_size": sequence.image_size, "data": str(prepared),
+        "image_size": sequence.image_size, "data": str(source),
     }  # fmt: skip
     row = table1_row(config.paper_row, config.model.name, metrics, parameters, **extra)
     row_decoded = table1_row(None, config.model.name, metrics_decoded, parameters, **extra)
@@ -285,10 +352,10 @@ def evaluate_run(
         row_sequence = table1_row(None, config.model.name, metrics_sequence, parameters, **extra)
         row_sequence["row"] = f"{row['row']} + sequence model"
         rows.append(row_sequence)
-    write_table(table1_frame(rows), run_dir / runs.TABLE1_ROW)
-    files["table1_row"] = str(run_dir / f"{runs.TABLE1_ROW}.csv")
-    write_table(report, run_dir / runs.TABLE2, index=True)
-    files["table2"] = str(run_dir / f"{runs.TABLE2}.csv")
+    write_table(table1_frame(rows), where / runs.TABLE1_ROW)
+    files["table1_row"] = str(where / f"{runs.TABLE1_ROW}.csv")
+    write_table(report, where / runs.TABLE2, index=True)
+    files["table2"] = str(where / f"{runs.TABLE2}.csv")
 
     predictions = sequence.frame[["StudyInstanceUID", "slice_number", "series_index"]].copy()
     for k, name in enumerate(VERTEBRAE):
@@ -300,14 +367,14 @@ def evaluate_run(
     if y_sequence is not None:
         for k, name in enumerate(VERTEBRAE):
             predictions[f"sequence_{name}"] = np.round(y_sequence[:, k], 6)
-    with atomic_write(run_dir / runs.PREDICTIONS_FILE, newline="") as handle:
+    with atomic_write(where / runs.PREDICTIONS_FILE, newline="") as handle:
         predictions.to_csv(handle, index=False)
-    files["predictions"] = str(run_dir / runs.PREDICTIONS_FILE)
+    files["predictions"] = str(where / runs.PREDICTIONS_FILE)
     files["study_levels"] = str(plot_study_levels(predictions,
-                                                  run_dir / "figures" / "study_levels.png"))
+                                                  where / "figures" / "study_levels.png"))
 
     history = history_from_log(run_dir / runs.TRAINING_LOG_FILE)
-    if history.get("loss"):
+    if history.get("loss") and data is None:
         figure = plot_loss_curves(
             history, run_dir / runs.FIGURES_DIR / runs.LOSS_CURVES_FIGURE, title=f"{config.name} (Figure 6)"
         )
@@ -315,6 +382,10 @@ def evaluate_run(
 
     result = {
         "split": split,
+        "data": str(source),
+        "n_studies": extra["n_studies"],
+        "n_slices": extra["n_slices"],
+        "overlap": overlap,
         "metrics": metrics,
         "metrics_level_decoded": metrics_decoded,
         "parameters": parameters,
@@ -325,5 +396,5 @@ def evaluate_run(
         "table2": json.loads(report.to_json(orient="index")),
         "files": files,
     }
-    write_json(run_dir / runs.METRICS_FILE, result)
+    write_json(where / runs.METRICS_FILE, result)
     return result

@@ -178,6 +178,10 @@ class Stage1Model:
                 f"{len(self.metadata_columns)} columns are configured: {self.metadata_columns}"
             )
         self.source = source
+        #: How the classifier runs (:mod:`keras_cspine.stage1.fast_inference`): plain Keras until
+        #: :meth:`use_engine` picks another.
+        self.runner = None
+        self.engine: dict[str, Any] = {"engine": "keras"}
         #: The files the model was read from (``model``, ``preprocessing``, ``level_decoder``,
         #: ``sequence_model``: absolute paths), set by :meth:`load`; empty for a model in memory.
         self.files: dict[str, str] = {}
@@ -257,6 +261,17 @@ class Stage1Model:
                 loaded.files[role] = str(file)
         return loaded
 
+    def use_engine(self, engine: str = "auto", threads: int | None = None,
+                   cache: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+        """Run the classifier with ``engine`` (``auto``, ``keras``, ``xla``, ``onnx``,
+        ``onnx_int8``; :func:`keras_cspine.stage1.fast_inference.make_runner`); returns the note
+        of what is used (also :attr:`engine`)."""
+        from keras_cspine.stage1.fast_inference import make_runner
+
+        self.runner, self.engine = make_runner(self.model, engine, self.files.get("model"),
+                                               threads=threads, cache=cache)  # fmt: skip
+        return self.engine
+
     def describe(self) -> dict[str, Any]:
         """The settings, for logs and JSON."""
         return {
@@ -266,6 +281,8 @@ class Stage1Model:
             "metadata_scale": dict(self.metadata_scale),
             "level_decoder": self.level_decoder is not None,
             "sequence_model": self.sequence_model is not None,
+            # reduced precision changes the results; the float engines agree with Keras
+            **({"engine": self.engine["engine"]} if self.engine["engine"] == "onnx_int8" else {}),
         }  # fmt: skip
 
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
@@ -302,10 +319,11 @@ class Stage1Model:
         :func:`keras_cspine.stage1.sequence_model.feature_model`."""
         n = len(positions_mm)
         metadata = self.metadata(np.asarray(positions_mm, np.float64), z_mm)
-        if return_features and self._feature_model is None:
-            from keras_cspine.stage1.sequence_model import feature_model
+        if self.runner is None:
+            from keras_cspine.stage1.fast_inference import KerasRunner
 
-            self._feature_model = feature_model(self.model)
+            self.runner = KerasRunner(self.model)
+        pad_batches = self.runner.name in ("keras", "xla")  # traced graphs: one batch shape
         out = np.empty((n, len(VERTEBRAE)), np.float32)
         features = None
         for start in range(0, n, batch_size):
@@ -315,17 +333,15 @@ class Stage1Model:
                 batch["image"] = self.images(hu[start:stop])
             if "metadata" in self.input_names:
                 batch["metadata"] = metadata[start:stop]
-            if stop - start < batch_size and n > batch_size:  # keep one traced batch shape
+            if pad_batches and stop - start < batch_size and n > batch_size:
                 pad = batch_size - (stop - start)
                 batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
                          for k, v in batch.items()}  # fmt: skip
+            feats, scores = self.runner(batch, features=return_features)
             if return_features:
-                feats, scores = self._feature_model.predict_on_batch(batch)
                 if features is None:
                     features = np.empty((n, feats.shape[-1]), np.float32)
                 features[start:stop] = np.asarray(feats)[: stop - start]
-            else:
-                scores = self.model.predict_on_batch(batch)
             out[start:stop] = np.asarray(scores, dtype=np.float32)[: stop - start]
         if not np.isfinite(out).all():
             raise ValueError(f"stage 1 model {self.source} gave non-finite scores")

@@ -33,6 +33,10 @@ The run directory (``--run-dir``, default ``runs/<config name>``) holds:
   validation split when there is no test split): ``metrics.json``, ``table1_row.csv``,
   ``table2.csv``/``.md``, ``predictions.csv`` and ``figures/loss_curves.png`` (Figure 6).
 
+Several machines (``train.strategy: multi_worker``, configured by ``TF_CONFIG``): every worker
+runs the same command on its part of the training batches; only the chief writes the run
+directory, the others work in a temporary folder they remove (:mod:`keras_cspine.stage1.distribute`).
+
 The default configuration (``stage1_synthetic_small``) trains a narrow GCViT at 64 px on the
 synthetic data: about half an hour on 2 CPU cores for 20 epochs over 144 studies (its header has
 the commands and figures). The paper's rows are ``stage1_<model>`` (see ``configs/``).
@@ -52,7 +56,7 @@ from typing import Any
 
 from keras_cspine.config import ConfigError, dump_config, save_config
 from keras_cspine.errors import CSpineDataError
-from keras_cspine.stage1 import runs
+from keras_cspine.stage1 import distribute, runs
 from keras_cspine.stage1.callbacks import MONITOR, AtomicBestCheckpoint, PlateauAfterWarmup
 from keras_cspine.stage1.config import (  # noqa: F401 - the config names, re-exported here
     DEFAULT_CONFIG,
@@ -193,18 +197,6 @@ def _dtype_policy(name: str | None):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _strategy(name: str):
-    if name == "mirrored":
-        import tensorflow as tf
-
-        return tf.distribute.MirroredStrategy()
-    return contextlib.nullcontext()
-
-
-def _scope(strategy):
-    return strategy.scope() if hasattr(strategy, "scope") else strategy
-
-
 def check_weights(config: Stage1Config) -> None:
     """Refuse, before any work, a run whose weights are missing or whose frozen layers would
     stay random (:class:`~keras_cspine.config.ConfigError` naming the weights and the command
@@ -279,11 +271,64 @@ def train_stage1(
         extra_callbacks: appended after the run's own callbacks (after the backup).
         overwrite: start afresh in a run directory holding a finished run.
         verbose: passed to ``model.fit``.
+
+    With ``train.strategy: multi_worker`` every process of the ``TF_CONFIG`` cluster calls this
+    with the same arguments; the chief trains into ``run_dir`` and returns the summary, the other
+    workers train in a temporary folder (removed) and return a summary of their part only.
     """
+    cluster = strategy = None
+    if config.train.strategy == "multi_worker":
+        cluster = distribute.cluster_from_environment()  # a bad TF_CONFIG fails here, first
+    check_weights(config)
+    if cluster is not None:
+        # before TensorFlow's first operation in this process, which fixes its runtime
+        strategy = distribute.make_strategy("multi_worker", cluster)
+        if not cluster.is_chief:
+            with distribute.worker_temp_dir(cluster, run_dir) as scratch:
+                return _train_worker(config, data, scratch, strategy, cluster,
+                                     prepared_dir, extra_callbacks, verbose)  # fmt: skip
+    return _train_chief(config, data, Path(run_dir), strategy, cluster, prepared_dir,
+                        extra_callbacks, overwrite, verbose)  # fmt: skip
+
+
+def _prepare_inputs(config: Stage1Config, data, prepared_dir) -> tuple[Path, dict[str, list[str]]]:
+    """The prepared folder, seeded; and the study splits."""
     from keras_cspine.stage1.dataset import split_prepared
 
-    check_weights(config)
-    run_dir = Path(run_dir)
+    prepared = resolve_prepared(data, config, prepared_dir)
+    seed_everything(config.train.seed)
+    _keras().utils.set_random_seed(config.train.seed)
+    splits = split_prepared(
+        prepared, config.data.val_fraction, config.data.test_fraction, config.data.split_seed
+    )
+    if not splits["val"]:
+        raise CSpineDataError(prepared, "too few labelled studies for a validation split")
+    return prepared, splits
+
+
+def _train_worker(config: Stage1Config, data, scratch: Path, strategy, cluster,
+                  prepared_dir, extra_callbacks, verbose) -> dict[str, Any]:  # fmt: skip
+    """A non-chief worker of a multi-worker run: the chief's fit, its part of the batches, every
+    file in ``scratch``; nothing after the fit (the chief alone fits the sequence model and
+    evaluates)."""
+    prepared, splits = _prepare_inputs(config, data, prepared_dir)
+    sequences = make_sequences(config, prepared, splits)
+    summary: dict[str, Any] = {"name": config.name, "model": config.model.name,
+                               "worker": cluster.name, "workers": cluster.num_workers}  # fmt: skip
+    # the chief decides whether the fit runs (it is skipped when the chief's run had ended it)
+    if distribute.broadcast_from_chief(strategy, [0], is_chief=False)[0]:
+        fit = _fit_classifier(config, scratch, sequences["train"], sequences["val"],
+                              extra_callbacks, verbose, strategy, cluster)  # fmt: skip
+        summary.update({k: fit[k] for k in ("epochs_run", "steps_per_epoch", "train_seconds")})
+    # wait for the chief's end (sequence model, evaluation): a worker gone early reads as a
+    # crash to the chief's TensorFlow
+    distribute.broadcast_from_chief(strategy, [0], is_chief=False)
+    return summary
+
+
+def _train_chief(config: Stage1Config, data, run_dir: Path, strategy, cluster, prepared_dir,
+                 extra_callbacks, overwrite, verbose) -> dict[str, Any]:  # fmt: skip
+    """The run itself (one process, or the chief of several): everything in ``run_dir``."""
     summary_path = run_dir / runs.SUMMARY_FILE
     backup_dir = run_dir / runs.BACKUP_DIR
     log_path = run_dir / runs.TRAINING_LOG_FILE
@@ -312,14 +357,7 @@ def train_stage1(
                 stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    prepared = resolve_prepared(data, config, prepared_dir)
-    seed_everything(config.train.seed)
-    _keras().utils.set_random_seed(config.train.seed)
-    splits = split_prepared(
-        prepared, config.data.val_fraction, config.data.test_fraction, config.data.split_seed
-    )
-    if not splits["val"]:
-        raise CSpineDataError(prepared, "too few labelled studies for a validation split")
+    prepared, splits = _prepare_inputs(config, data, prepared_dir)
     save_config(config, run_dir / runs.CONFIG_FILE)
     write_json(run_dir / runs.SPLITS_FILE, {**splits, "prepared": str(Path(prepared).resolve())})
     fit_from_prepared(prepared, splits["train"]).save(run_dir / runs.LEVEL_DECODER_FILE)
@@ -328,13 +366,17 @@ def train_stage1(
     _write_preprocessing(run_dir, prepared, config, sequences["train"])
     write_json(run_dir / runs.DATA_FILE, {k: s.get_config() for k, s in sequences.items()})
     fitted_now = fit_done is None
+    if cluster is not None:  # the workers follow the chief: all fit, or none
+        distribute.broadcast_from_chief(strategy, [int(fitted_now)], is_chief=True)
     if fitted_now:
-        fit_done = _fit_classifier(config, run_dir, train_seq, val_seq, extra_callbacks, verbose)
+        fit_done = _fit_classifier(config, run_dir, train_seq, val_seq, extra_callbacks, verbose,
+                                   strategy, cluster)  # fmt: skip
         write_json(fit_done_path, fit_done)
     summary: dict[str, Any] = {
         "name": config.name,
         "model": config.model.name,
         **{k: fit_done[k] for k in ("epochs_run", "best_val_f1_score", "parameters")},
+        **{k: fit_done[k] for k in ("workers", "steps_per_epoch") if k in fit_done},
         "train_seconds_this_session": fit_done["train_seconds"] if fitted_now else 0.0,
         "resumed": resuming,
         "config": dump_config(config),
@@ -352,6 +394,8 @@ def train_stage1(
         split = "test" if splits["test"] else "val"
         summary["evaluation"] = evaluate_run(run_dir, split=split)
     write_json(summary_path, summary)
+    if cluster is not None:  # the workers wait for this
+        distribute.broadcast_from_chief(strategy, [1], is_chief=True)
     return summary
 
 
@@ -371,24 +415,41 @@ def _write_preprocessing(run_dir: Path, prepared: Path, config: Stage1Config, se
 
 
 def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
-                    extra_callbacks: Sequence, verbose) -> dict[str, Any]:  # fmt: skip
+                    extra_callbacks: Sequence, verbose, strategy=None,
+                    cluster: distribute.Cluster | None = None) -> dict[str, Any]:  # fmt: skip
     """``model.fit`` with the run's callbacks (resuming from ``backup/``); writes
-    ``history.json``; returns what ``fit_done.json`` keeps of it."""
+    ``history.json``; returns what ``fit_done.json`` keeps of it.
+
+    ``strategy`` and ``cluster``: a multi-worker run's (made before TensorFlow's first
+    operation); otherwise ``train.strategy`` is made here.
+    """
     keras = _keras()
     from keras_cspine.stage1.dataset import EpochSync, KeepFreedMemory
 
+    if strategy is None:
+        strategy = distribute.make_strategy(config.train.strategy)
     backup_dir = run_dir / runs.BACKUP_DIR
     log_path = run_dir / runs.TRAINING_LOG_FILE
     previous = history_from_log(log_path).get(MONITOR, [])
     best_so_far = None if math.isnan(nanmax(previous)) else nanmax(previous)
+    train_data, val_data = train_seq, val_seq
+    steps_per_epoch = config.train.steps_per_epoch
+    steps = min(steps_per_epoch or len(train_seq), len(train_seq))
+    if cluster is not None:  # each worker its own batches, as tf.data pipelines
+        parallel = config.data.workers
+        train_data, steps = distribute.distributed_dataset(
+            strategy, train_seq, num_workers=cluster.num_workers, shard=True,
+            max_batches=steps_per_epoch, parallel=parallel)  # fmt: skip
+        val_data, _ = distribute.distributed_dataset(
+            strategy, val_seq, num_workers=cluster.num_workers, shard=False, parallel=parallel)
+        steps_per_epoch = None  # the datasets hold one epoch each
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         EpochSync(train_seq),
         KeepFreedMemory(),
         AtomicBestCheckpoint(run_dir / runs.MODEL_FILE, MONITOR, best=best_so_far),
         PlateauAfterWarmup(
             config.train.learning_rate, config.train.warmup_epochs,
-            config.train.steps_per_epoch or len(train_seq), monitor=MONITOR, mode="max",
+            steps, monitor=MONITOR, mode="max",
             factor=config.train.reduce_lr_factor, patience=config.train.reduce_lr_patience,
             min_lr=config.train.min_learning_rate, min_delta=config.train.reduce_lr_min_delta,
             cooldown=config.train.reduce_lr_cooldown,
@@ -401,23 +462,29 @@ def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
                 monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience
             )
         )
+    # the backup last: an epoch is over for a resume only once its checkpoint, learning rate
+    # and log row are written (a kill in between redoes the epoch; its row is then replaced)
+    callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True))
+    if cluster is not None:
+        callbacks.append(distribute.SyncFromChief(strategy, cluster.is_chief))
     callbacks.extend(extra_callbacks)
 
     started = time.time()
     with _dtype_policy(config.train.mixed_precision):
-        strategy = _strategy(config.train.strategy)
-        with _scope(strategy):
+        with distribute.scope(strategy):
             model = build_and_compile(config, train_seq.image_size)
             build_training_state(model, train_seq[0])
-        model.fit(
-            train_seq,
-            validation_data=val_seq,
-            epochs=config.train.epochs,
-            steps_per_epoch=config.train.steps_per_epoch,
-            callbacks=callbacks,
-            shuffle=False,  # CSpineSequence shuffles itself, seeded per epoch
-            verbose=verbose,
-        )
+        fitting = distribute.multi_worker_fit(model) if cluster else contextlib.nullcontext()
+        with fitting:
+            model.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=config.train.epochs,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # CSpineSequence shuffles itself, seeded per epoch
+                verbose=verbose,
+            )
     history = history_from_log(log_path)
     write_json(run_dir / runs.HISTORY_FILE, history)
     from keras_cspine.stage1.models.factory import count_parameters
@@ -427,6 +494,8 @@ def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
         "best_val_f1_score": nanmax(history.get(MONITOR, [])),
         "train_seconds": round(time.time() - started, 1),
         "parameters": count_parameters(model),
+        "workers": cluster.num_workers if cluster else 1,
+        "steps_per_epoch": steps,
     }
 
 

@@ -75,6 +75,7 @@ from keras_cspine.synthetic.study import (  # noqa: F401 - the public names, re-
     merge_slice_boxes,
     render_study,
     sample_study,
+    study_uid,
 )
 from keras_cspine.utils import write_csv, write_json
 
@@ -201,13 +202,18 @@ def _balanced(rng: np.random.Generator, n: int, fraction: float) -> list[bool]:
     return flags.tolist()
 
 
-def _plan(n_train: int, n_test: int, seed: int, segmentation_fraction: float) -> list[dict]:
-    """Dataset-level draws: unique UIDs and balanced study properties (so that even a small
-    dataset has head- and feet-first, compressed, tilted, signed, fractured and intact studies)."""
+def _plan(n_train: int, n_test: int, seed: int, segmentation_fraction: float,
+          preset: str = "small") -> list[dict]:  # fmt: skip
+    """Dataset-level draws: balanced study properties (so that even a small dataset has head- and
+    feet-first, compressed, tilted, signed, fractured and intact studies), and UIDs from the
+    dataset's identity (:func:`~keras_cspine.synthetic.study.study_uid`: seed, sizes, preset,
+    segmentation share, split, index), unique across datasets."""
     rng = np.random.default_rng([int(seed), 99])
-    numbers = rng.choice(np.arange(10000, 33000), size=n_train + n_test, replace=False)
+    rng.choice(np.arange(10000, 33000), size=n_train + n_test, replace=False)  # keeps the draws below
+    identity = {"seed": int(seed), "n_train": int(n_train), "n_test": int(n_test),
+                "preset": str(preset), "segmentation_fraction": float(segmentation_fraction)}  # fmt: skip
     jobs = []
-    for split, n, offset in (("train", n_train, 0), ("test", n_test, n_train)):
+    for split, n in (("train", n_train), ("test", n_test)):
         flags = {
             "head_first": [not f for f in _balanced(rng, n, 1 / 3)],
             "compressed": _balanced(rng, n, 1 / 3),
@@ -222,8 +228,11 @@ def _plan(n_train: int, n_test: int, seed: int, segmentation_fraction: float) ->
         for i in range(n):
             job = {key: values[i] for key, values in flags.items()}
             job.update(split=split, index=i, bottom=float(bottoms[i]),
-                       uid=UID_ROOT + str(int(numbers[offset + i])))  # fmt: skip
+                       uid=study_uid(**identity, split=split, index=i))  # fmt: skip
             jobs.append(job)
+    uids = [job["uid"] for job in jobs]
+    if len(set(uids)) != len(uids):  # 1 chance in 10**16 per pair: never silently
+        raise RuntimeError(f"two synthetic studies drew the same UID for seed {seed}")
     return jobs
 
 
@@ -290,7 +299,7 @@ def generate_dataset(
     _prepare_out(out, overwrite)
     for folder in ("train_images", "test_images", "segmentations"):
         (out / folder).mkdir(exist_ok=True)
-    jobs = _plan(int(n_studies), n_test, int(seed), float(segmentation_fraction))
+    jobs = _plan(int(n_studies), n_test, int(seed), float(segmentation_fraction), preset.name)
     for job in jobs:
         job.update(root=out, seed=int(seed), preset=preset)
     bar = tqdm(total=len(jobs), desc="synth", unit="study", disable=not progress)

@@ -25,7 +25,32 @@ VERTEBRAE = VERTEBRA_NAMES[:7]
 """The labelled cervical vertebrae, C1..C7."""
 
 UID_ROOT = "1.2.826.0.1.3680043."
-"""Study UIDs look like Kaggle's: ``1.2.826.0.1.3680043.<number>``."""
+"""Study UIDs start like Kaggle's: ``1.2.826.0.1.3680043.<number>`` (see :func:`study_uid`)."""
+UID_DIGITS = 16
+"""Digits of the number after :data:`UID_ROOT` (36 characters in all): the number is also the
+study's PatientID and StudyID (VR SH: at most 16 characters), and ``.1.<slice number>`` (the
+SOP Instance UIDs) stays well within DICOM's 64."""
+
+
+def study_uid(**identity: Any) -> str:
+    """The StudyInstanceUID of the synthetic study ``identity`` names (for a dataset: its seed,
+    sizes, preset, segmentation share, split and index): :data:`UID_ROOT` and a number from
+    the SHA-256 of ``identity``. The same identity always gives the same UID; two datasets drawn
+    with other seeds or sizes share none (about 1 chance in 10**16 per pair of studies), as real
+    DICOM UIDs are unique, so that a study of one set never passes for one of another.
+
+    Example:
+        >>> study_uid(seed=0, n_train=4, n_test=1, split="train", index=0)[:20]
+        '1.2.826.0.1.3680043.'
+    """
+    import hashlib
+    import json
+
+    payload = json.dumps({"generator": "keras_cspine.synthetic", **identity}, sort_keys=True,
+                         separators=(",", ":"), default=str)  # fmt: skip
+    number = int.from_bytes(hashlib.sha256(payload.encode()).digest(), "big")
+    number = number % (9 * 10 ** (UID_DIGITS - 1)) + 10 ** (UID_DIGITS - 1)  # no leading zero
+    return f"{UID_ROOT}{number}"
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
 MANIFEST = "synthetic_manifest.json"
@@ -98,9 +123,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", (64, 80, 96), (150.0, 200.0), (2.0, 3.0), (40, 70), (8.0, 20.0), 0.25),
     "small": Preset("small", (128,), (150.0, 210.0), (1.5, 2.0), (80, 120), (10.0, 25.0), 0.25),
+    "demo": Preset("demo", (128,), (150.0, 210.0), (2.0, 3.0), (40, 80), (10.0, 25.0), 0.25),
     "full": Preset("full", (512,), (160.0, 250.0), (0.5, 1.0), (120, 1000), (15.0, 35.0), 0.0, 24),
 }
-"""``tiny`` for tests (< 1 s a study), ``small`` for the demo, ``full`` like the real scans."""
+"""``tiny`` for tests (< 1 s a study); ``demo`` for the demo (the ``small`` matrix at 2-3 mm slices:
+more studies for the same number of slices); ``small`` for finer slices; ``full`` like the real
+scans."""
 
 
 def get_preset(preset: str | Preset) -> Preset:
@@ -236,7 +264,7 @@ def sample_study(
     Args:
         seed, index, split: identify the study; the same triple always gives the same study.
         preset: a :data:`PRESETS` name or a :class:`Preset`.
-        uid: StudyInstanceUID (default ``1.2.826.0.1.3680043.<number from the seed>``).
+        uid: StudyInstanceUID (default: :func:`study_uid` of the seed, preset, split and index).
         head_first, compressed, tilted, signed, fractured, nonsquare: force a property
             (None = drawn at random).
         top: "above_c1" (the scan starts 5-30 mm above C1, with the skull base) or "mid_c1".
@@ -264,7 +292,8 @@ def sample_study(
         raise ValueError(f"top must be 'above_c1' or 'mid_c1', got {top!r}")
     bottom = float(rng.random()) if bottom is None else float(bottom)
     if uid is None:
-        uid = UID_ROOT + str(int(rng.integers(10000, 33000)))
+        rng.integers(10000, 33000)  # keeps the draws that follow (the study's geometry) as they were
+        uid = study_uid(seed=int(seed), preset=preset.name, split=split, index=int(index))
 
     # Coverage along the spine (spine-frame z), then the scan geometry in patient space.
     ext = anatomy.extents
