@@ -97,6 +97,7 @@ from keras_cspine.pipeline.studies import (
     stage2_run_problem,
     stage2_runs,
 )
+from keras_cspine.stage1.fast_inference import weights_sha256
 from keras_cspine.stage1.inference import Stage1Model
 from keras_cspine.stage2.inference import Stage2Model
 from keras_cspine.utils import atomic_write, write_csv, write_json
@@ -273,15 +274,6 @@ def _load_models(stage1, stage2, runs, config: PredictConfig):
 # --------------------------------------------------------------------------------------------
 # What a study's result depends on: the settings and the content of the models
 # --------------------------------------------------------------------------------------------
-def _weights_sha256(model) -> str:
-    digest = hashlib.sha256()
-    for weights in model.get_weights():
-        array = np.ascontiguousarray(weights)
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def model_fingerprints(stage1: Stage1Model, stage2: Stage2Model | None) -> dict[str, Any]:
     """Per stage, its settings (``describe()``) and the SHA-256 of what it was read from: the
     stage 1 run's ``model.keras``, ``preprocessing.json``, level decoder and sequence model (the
@@ -289,7 +281,7 @@ def model_fingerprints(stage1: Stage1Model, stage2: Stage2Model | None) -> dict[
     files = getattr(stage1, "files", None) or {}
     first = {**stage1.describe(), "sha256": (
         {role: file_sha256(path) for role, path in sorted(files.items())} if files
-        else {"weights": _weights_sha256(stage1.model)})}  # fmt: skip
+        else {"weights": weights_sha256(stage1.model)})}  # fmt: skip
     if stage2 is None:
         return {"stage1": first, "stage2": None}
     onnx = getattr(stage2.detector, "model_path", None)
