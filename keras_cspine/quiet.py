@@ -20,6 +20,9 @@ C++ or Python, are written back unchanged and in order. It also sets ``TF_CPP_MI
 The command line installs it before any command runs; a notebook or script calls
 ``keras_cspine.quiet.install()`` before its first ``import keras`` / ``import tensorflow``. Nothing
 happens when TensorFlow is already imported. ``KERAS_CSPINE_TF_NOISE=1`` turns the filter off.
+
+One note comes later, at the first boolean transpose of the process (a masked recurrent layer):
+:func:`absorb_once_notices`, called where the study sequence model is built or loaded.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ NO_GPU_NOTICES = (
     "computation placer already registered",
     "TF-TRT Warning: Could not find TensorRT",
 )
+#: What TensorFlow writes once per process at the first use of a kernel, on some CPUs (a note
+#: that it falls back to its own implementation, not a problem).
+ONCE_NOTICES = ("oneDNN supports DT_BOOL only on platforms with AVX-512",)
 #: TensorFlow's own log line prefix (severity, date, time, thread, file:line]).
 _TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
 OFF_ENV = "KERAS_CSPINE_TF_NOISE"
@@ -145,6 +151,36 @@ def uninstall() -> None:
     """Remove the import hook (TensorFlow then starts as it would without keras_cspine)."""
     with contextlib.suppress(ValueError):
         sys.meta_path.remove(_FINDER)
+
+
+_ONCE_ABSORBED = False
+
+
+def absorb_once_notices() -> None:
+    """Let TensorFlow write its :data:`ONCE_NOTICES` now, with standard error captured, and write
+    back everything else it wrote.
+
+    A masked recurrent layer (the study sequence model) transposes a boolean mask: on a CPU without
+    AVX-512 the first boolean transpose of the process logs the oneDNN fallback note as an error
+    line (``E0000 ... util.cc:131]``). This runs one such transpose first. It runs an operation,
+    which initialises TensorFlow's runtime: call it only where the runtime is about to start
+    anyway (building or loading a model), never at import (a multi-worker strategy must be
+    created before the first operation). Once per process; nothing when turned off.
+    """
+    global _ONCE_ABSORBED
+    if _ONCE_ABSORBED or os.environ.get(OFF_ENV, "") not in ("", "0"):
+        return
+    _ONCE_ABSORBED = True
+    import tensorflow as tf
+
+    with _stderr_captured() as captured:
+        with contextlib.suppress(Exception):
+            tf.transpose(tf.constant([[True, False]]))
+    kept = [line for line in captured[0].splitlines(keepends=True)
+            if not any(notice in line for notice in ONCE_NOTICES)]  # fmt: skip
+    if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
 
 
 def is_tensorflow_log_line(line: str) -> bool:

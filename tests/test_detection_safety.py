@@ -367,6 +367,7 @@ def test_predict_and_stage2_model_refuse_a_planted_checkpoint(planted, env, tmp_
         Stage2Model.load(run)
     assert str(err.value).startswith(refused)
     stage1 = object.__new__(Stage1Model)  # stage 1 is loaded first; only its type matters here
+    stage1.runner, stage1.engine = "given", {"engine": "keras"}  # a given model keeps its engine
     with pytest.raises(CSpineDataError) as err:
         _load_models(stage1, None, tmp_path / "runs", PredictConfig())
     assert str(err.value).startswith(refused)

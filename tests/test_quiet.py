@@ -115,3 +115,24 @@ def test_real_tensorflow_starts_quietly_on_this_cpu():
     assert total == "3.0"
     for noise in ("cuInit", "cuda drivers", "oneDNN", "absl::InitializeLog", "cpu_feature_guard"):
         assert noise not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_the_sequence_model_runs_without_the_boolean_fallback_note():
+    """A masked GRU transposes a boolean mask: on a CPU without AVX-512 TensorFlow's first such
+    transpose logs ``oneDNN supports DT_BOOL only on platforms with AVX-512`` as an error line;
+    building the sequence model absorbs it."""
+    code = textwrap.dedent("""
+        import keras_cspine.quiet as q; q.install()
+        import sys, numpy as np, tensorflow as tf
+        from keras_cspine.stage1.sequence_model import build_sequence_model
+        model = build_sequence_model(8)
+        model.predict({"features": np.ones((2, 5, 8), "float32"), "mask": np.ones((2, 5), bool)},
+                      verbose=0)
+        print("predicted", file=sys.stderr)
+        tf.transpose(tf.constant([[True]]))  # the note comes once per process: not again
+    """)
+    result = _run(code, {})
+    assert result.returncode == 0, result.stderr
+    assert "predicted" in result.stderr
+    assert "DT_BOOL" not in result.stderr, result.stderr

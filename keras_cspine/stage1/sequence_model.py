@@ -128,6 +128,9 @@ def build_sequence_model(feature_dim: int, config: SequenceConfig = _DEFAULT_CON
     """
     import keras
 
+    from keras_cspine.quiet import absorb_once_notices
+
+    absorb_once_notices()  # the masked GRU's first boolean transpose notes a oneDNN fallback
     if not isinstance(feature_dim, int) or feature_dim < 1:
         raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
     mean = np.zeros(feature_dim) if mean is None else np.asarray(mean, np.float64)
@@ -246,9 +249,12 @@ def load_sequence_model(path: str | os.PathLike):
     not a sequence model."""
     import keras
 
+    from keras_cspine.quiet import absorb_once_notices
+
     path = Path(path)
     if not path.is_file():
         raise CSpineDataError(path, "sequence model not found")
+    absorb_once_notices()  # as in build_sequence_model
     try:
         model = keras.saving.load_model(path)
     except (ValueError, OSError, TypeError) as err:
