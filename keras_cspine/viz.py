@@ -71,25 +71,28 @@ def figure_slices(index, prepared: str | os.PathLike, rows_to_show, ncols: int =
     """
     from matplotlib.patches import Rectangle
 
-    from keras_cspine.data.prepare import load_cache
+    from keras_cspine.data.prepare import load_cache, load_roi
 
     plt = _pyplot()
     rows_to_show = list(rows_to_show)
     nrows = max(1, int(np.ceil(len(rows_to_show) / ncols)))
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.9 * nrows), squeeze=False)
     caches: dict[str, np.ndarray] = {}
+    windows: dict[str, object] = {}  # the study's spine window when prepared with roi_mm
     for ax in axes.ravel():
         ax.axis("off")
     for ax, row_id in zip(axes.ravel(), rows_to_show):
         row = index.loc[row_id]
         uid = row.StudyInstanceUID
         if uid not in caches:
-            caches[uid] = load_cache(prepared, uid)
+            caches[uid], windows[uid] = load_cache(prepared, uid), load_roi(prepared, uid)
         image = np.asarray(caches[uid][int(row.series_index)])
         size = image.shape[0]
         ax.imshow(image)
         for box in row.boxes:
-            x, y, w, h = model_box(box, int(row.rows), int(row.columns), size)
+            window = windows[uid]
+            x, y, w, h = (model_box(box, int(row.rows), int(row.columns), size) if window is None
+                          else window.to_image(box, size))  # fmt: skip
             ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor="red", linewidth=1.5))
         labels = [int(row[v]) for v in VERTEBRAE]
         fracture = "  FRACTURE" if row.boxes else ""

@@ -283,7 +283,7 @@ is downloaded), validated with Ultralytics' metrics cross-checked by our own mAP
 TensorFlow, so torch can run in its kernel. On Kaggle, the paper's YOLOv8s for 100 epochs on
 whole slices, at Ultralytics' default 640 px (a GPU is advised). On the synthetic data, beyond
 the paper, each image is a 100 mm window around the cervical column (`roi_mm`,
-`keras_cspine.stage2.roi`): the bone fills the image as a bigger image would, at a fraction of
+`keras_cspine.data.roi`): the bone fills the image as a bigger image would, at a fraction of
 its cost.
 
 """ + INSTALL),
@@ -361,7 +361,7 @@ print(detector.imgsz, "input;", 0 if found is None else len(found), "boxes on th
     md("The same slice read from its DICOM file: the study's window (as in the export's manifest), "
        "boxes back in the slice's own pixels, as in `train_bounding_boxes.csv`."),
     code('''from keras_cspine.io.dicom import read_slice
-from keras_cspine.stage2.roi import SpineRoi
+from keras_cspine.data.roi import SpineRoi
 
 if len(shown):
     row = shown.iloc[0]

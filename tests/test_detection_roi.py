@@ -1,4 +1,4 @@
-"""Stage 2's spine window (keras_cspine.stage2.roi): where it is found, how boxes map into it
+"""Stage 2's spine window (keras_cspine.data.roi): where it is found, how boxes map into it
 and back, and the YOLO export that renders it. No torch here."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from helpers_cli import run_cli
 from helpers_images import assert_label_on_bright_block
 
-from keras_cspine.stage2.roi import (
+from keras_cspine.data.roi import (
     SpineRoi,
     read_study_roi,
     roi_sample,

@@ -382,8 +382,8 @@ def test_onnx_predictor_beside_tensorflow_without_torch(trained, synthetic_data)
 def test_onnx_predictor_on_spine_windows_matches_the_export(trained, synthetic_data, tmp_path):
     """``predict_slice(hu, roi=...)`` on a DICOM slice finds the boxes the detector finds on the
     exported window image of that slice, mapped back with the manifest's window."""
+    from keras_cspine.data.roi import SpineRoi
     from keras_cspine.io.dicom import read_slice
-    from keras_cspine.stage2.roi import SpineRoi
 
     out = tmp_path / "roi_export"
     export_yolo_dataset(synthetic_data, out, ExportConfig(size=64, roi_mm=100.0), progress=False)

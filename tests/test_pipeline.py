@@ -410,8 +410,8 @@ def test_stage2_looks_at_the_spine_window_of_its_export(models, synthetic_data, 
     study at inference (found from the same slices), and its boxes come back to the slice."""
     import json
 
+    from keras_cspine.data.roi import read_study_roi
     from keras_cspine.pipeline.predict import Stage1Model, Stage2Model, predict_study
-    from keras_cspine.stage2.roi import read_study_roi
 
     run = tmp_path / "detect"
     (run / "weights").mkdir(parents=True)

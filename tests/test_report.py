@@ -117,3 +117,92 @@ def test_index_links_each_report(tmp_path):
     page = path.read_text()
     assert f"href='reports/{UID}/report.html'" in page
     assert "failed" in page and page.count("0.250") == 8
+
+
+def _index_table():
+    return [{"StudyInstanceUID": UID, **dict.fromkeys(TARGETS, 0.25), "n_slices": 20,
+             "n_gated": 10, "n_boxes": 2, "status": "ok"}]  # fmt: skip
+
+
+def _touch(path, image: bool = True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image:
+        Image.new("RGB", (4, 4)).save(path)
+    else:
+        path.write_text("| a |\n")
+    return path
+
+
+def test_index_links_the_training_figures_of_the_models_used(tmp_path):
+    """The stage 1 and stage 2 runs predict recorded (their model files' folders): each figure
+    found, linked relative to index.html with a thumbnail, tables as plain links; figures missing
+    from a run are left out."""
+    stage1, stage2 = tmp_path / "runs" / "stage1 <a>", tmp_path / "runs" / "detect"
+    _touch(stage1 / "figures" / "loss_curves.png")
+    _touch(stage1 / "table2.md", image=False)
+    (stage1 / "model.keras").write_bytes(b"")
+    _touch(stage2 / "results.png")
+    _touch(stage2 / "val" / "confusion_matrix.png")
+    _touch(stage2 / "confusion_matrix.png")  # the training's: the validation's is preferred
+    _touch(stage2 / "val" / "figures" / "fig9_confusion_matrix.png")
+    (stage2 / "weights").mkdir()
+    models = {"stage1": {"source": str(stage1 / "model.keras"), "mode": "bone"},
+              "stage2": {"source": str(stage2 / "weights" / "best.onnx")}}  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    page = write_index(_index_table(), {}, out, models=models).read_text()
+    assert "<h2>Training figures</h2>" in page
+    section = page.split("<h2>Training figures</h2>")[1]
+    expected = [
+        ("../runs/stage1 &lt;a&gt;/figures/loss_curves.png", "Stage 1 loss and macro F1 curves (Figure 6)"),
+        ("../runs/stage1 &lt;a&gt;/table2.md", "Stage 1 Table 2 (per-vertebra report)"),
+        ("../runs/detect/results.png", "Stage 2 training results (Ultralytics)"),
+        ("../runs/detect/val/figures/fig9_confusion_matrix.png", "Stage 2 confusion matrix (Figure 9)"),
+        ("../runs/detect/val/confusion_matrix.png", "Stage 2 confusion matrix (Ultralytics)"),
+    ]  # fmt: skip
+    positions = [section.index(f"<a href='{href}'>") for href, _ in expected]
+    assert positions == sorted(positions)  # stage 1 first, in the tables' order
+    for href, name in expected:
+        assert f"<a href='{href}'>" in section and name in section
+    assert section.count("<img width='240'") == 4  # not for the Markdown table
+    assert "<img width='240' src='../runs/detect/results.png'" in section
+    assert "study_levels" not in section and "PR_curve" not in section  # not in the runs
+    assert "../runs/detect/confusion_matrix.png" not in section
+    assert "<code>stage1 &lt;a&gt;</code>" in section and "<a>" not in section
+
+
+@pytest.mark.parametrize("models", [
+    None,  # an index written without the record
+    {"stage1": {"source": "<in memory>"}, "stage2": None},  # models built in memory
+    {"stage1": {"source": "/gone/run/model.keras"}, "stage2": {"source": "/gone/d/weights/best.onnx"}},
+    "empty runs",  # run folders without any figure
+])  # fmt: skip
+def test_index_without_training_figures_has_no_such_section(tmp_path, models):
+    if models == "empty runs":
+        (tmp_path / "run").mkdir()
+        models = {"stage1": {"source": str(tmp_path / "run" / "model.keras")}}
+    page = write_index(_index_table(), {}, tmp_path, models=models).read_text()
+    assert "Training figures" not in page and "<img" not in page
+    assert page.rstrip().endswith("</table></body></html>")
+
+
+def test_reports_drawn_later_link_the_training_figures_predict_recorded(tmp_path):
+    """``report OUT``: the run folders come from the models in a study's saved JSON (no
+    summary.json: predict was interrupted)."""
+    import json
+
+    from keras_cspine.pipeline.report import render_saved_reports
+
+    run = tmp_path / "run"
+    _touch(run / "figures" / "loss_curves.png")
+    out = tmp_path / "out"
+    (out / "studies").mkdir(parents=True)
+    saved = {**make_result().to_json(), "models": {"stage1": {"source": str(run / "model.keras")},
+                                                    "stage2": None}}  # fmt: skip
+    (out / "studies" / f"{UID}.json").write_text(json.dumps(saved))
+    (out / "predictions.csv").write_text(
+        "StudyInstanceUID,C1,C2,C3,C4,C5,C6,C7,patient_overall,n_slices,n_gated,n_boxes,status\n"
+        f"{UID},.05,.62,.05,.05,.05,.05,.05,.65,20,10,2,ok\n")  # fmt: skip
+    assert render_saved_reports(out, workers=0)["failures"] == {}
+    page = (out / "index.html").read_text()
+    assert "<a href='../run/figures/loss_curves.png'>" in page

@@ -33,6 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-size", type=int)
     parser.add_argument("--export-roi-mm", type=float, help="spine window of the YOLO export, mm "
                         f"({DemoSettings.export_roi_mm:g}; 0: whole slices)")  # fmt: skip
+    parser.add_argument("--roi-mm", type=float, help="spine window of the stage 1 images, mm "
+                        f"({DemoSettings.roi_mm:g}; 0: whole slices, as the paper)")  # fmt: skip
     parser.add_argument("--holdout-fraction", type=float)
 
 
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.export_roi_mm is not None:
         changes["export_roi_mm"] = args.export_roi_mm or None  # 0: whole slices
+    if args.roi_mm is not None:
+        changes["roi_mm"] = args.roi_mm or None
     if args.data and args.quick:
         raise ConfigError("demo: --quick runs on its own tiny synthetic studies; drop --data or --quick")
     if args.data:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from keras_cspine.cli import run_command
 from keras_cspine.cli.merge import SHARD_HELP, shard_arg
-from keras_cspine.data.prepare import MAX_SIZE, MIN_SIZE, prepare_dataset
+from keras_cspine.data.prepare import MAX_ROI_MM, MAX_SIZE, MIN_ROI_MM, MIN_SIZE, prepare_dataset
 
 
 def _whole_number(text: str) -> int:
@@ -30,6 +30,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {value}"
         )
+    return value
+
+
+def _roi_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length in mm") from None
+    if not MIN_ROI_MM <= value <= MAX_ROI_MM:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_ROI_MM:g} to {MAX_ROI_MM:g} mm, "
+                                         f"got {text}")  # fmt: skip
     return value
 
 
@@ -60,6 +71,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="bone", choices=["paper", "bone", "multiwindow"],
                         help="preprocessing: the paper's Algorithm 1 or HU windows")  # fmt: skip
     parser.add_argument("--split", default="train", choices=["train", "test"])
+    parser.add_argument("--roi-mm", type=_roi_mm, metavar="MM",
+                        help="render only the square window of MM around each study's cervical "
+                             "column (beyond the paper; default: the whole slice)")  # fmt: skip
     parser.add_argument("--studies", nargs="+", metavar="UID", help="only these StudyInstanceUIDs")
     parser.add_argument("--limit", type=_limit, help="at most this many studies (>= 1)")
     parser.add_argument("--workers", type=_workers, metavar="N|all",
@@ -73,7 +87,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = dict(size=args.size, mode=args.mode, split=args.split, studies=args.studies,
+    options = dict(size=args.size, mode=args.mode, split=args.split, roi_mm=args.roi_mm,
+                   studies=args.studies,
                    limit=args.limit, workers=args.workers, decoder=args.decoder,
                    on_error=args.on_error)  # fmt: skip
     where = args.out

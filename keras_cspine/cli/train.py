@@ -16,6 +16,7 @@ from keras_cspine.stage1.config import (
     DEFAULT_CONFIG,
     load_stage1_config,
 )
+from keras_cspine.stage1.runs import TENSORBOARD_DIR
 from keras_cspine.stage1.train import train_stage1
 
 
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 line += (f" ({what}: macro F1 {extra['macro_f1']:.4f}, "
                          f"EMR {extra['exact_match_ratio']:.4f})")  # fmt: skip
     print(f"{line}; run directory {run_dir}")
+    if (run_dir / TENSORBOARD_DIR).is_dir():  # written when the tensorboard package is installed
+        print(f"[train] tensorboard --logdir {run_dir / TENSORBOARD_DIR}")
     return 0
 
 

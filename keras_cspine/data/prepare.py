@@ -41,7 +41,9 @@ from tqdm.auto import tqdm
 
 from keras_cspine import __version__
 from keras_cspine.data import prepare_worker as workers_
-from keras_cspine.errors import BoxError, CSpineDataError
+from keras_cspine.data.roi import read_study_roi
+from keras_cspine.data.slice_index import index_rows, slice_labels, study_boxes
+from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.dicom import list_series_files
 from keras_cspine.io.rsna import VERTEBRAE, RsnaLayout, validate_frame
 from keras_cspine.utils import atomic_path, atomic_write, write_json
@@ -49,6 +51,7 @@ from keras_cspine.utils import atomic_path, atomic_write, write_json
 CACHE_FORMAT = 1
 MARKER_FORMAT = 2  # studies/<uid>.json with an input fingerprint (format 1 had none)
 MIN_SIZE, MAX_SIZE = 16, 1024  # model image side in pixels (RSNA slices are 512 px)
+MIN_ROI_MM, MAX_ROI_MM = 20.0, 500.0  # spine window side (an adult neck is about 120 mm across)
 #: temporary names of a run (``atomic_write``, ``atomic_path``, partial caches) in each folder
 LEFTOVERS = {".": re.compile(r"\.(prepare\.json|index\.csv|errors\.csv)\.\w+\.tmp"),
              "cache": re.compile(r"\..+\.npy\.partial|\..+\.\w+\.tmp\.npy"),
@@ -68,11 +71,14 @@ class PrepareSettings:
         size: side of the square model image in pixels.
         mode: preprocessing mode of ``keras_cspine.data.preprocess`` ("paper", "bone", "multiwindow").
         split: "train" (train_images, with labels) or "test" (test_images).
+        roi_mm: render only the square window of this many mm around the study's cervical
+            column (:mod:`keras_cspine.data.roi`; beyond the paper); None: the whole slice.
     """
 
     size: int = 224
     mode: str = "bone"
     split: str = "train"
+    roi_mm: float | None = None
 
     def __post_init__(self):
         from keras_cspine.data.preprocess import MODES
@@ -86,9 +92,16 @@ class PrepareSettings:
         object.__setattr__(self, "size", int(self.size))
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {self.split!r}")
+        if self.roi_mm is not None:
+            if (isinstance(self.roi_mm, bool) or not isinstance(self.roi_mm, (int, float, np.number))
+                    or not MIN_ROI_MM <= self.roi_mm <= MAX_ROI_MM):  # fmt: skip
+                raise ValueError(f"roi_mm must be a length from {MIN_ROI_MM} to {MAX_ROI_MM} mm "
+                                 f"(or None for the whole slice), got {self.roi_mm!r}")  # fmt: skip
+            object.__setattr__(self, "roi_mm", float(self.roi_mm))
 
     def digest(self) -> str:
-        payload = json.dumps({**asdict(self), "cache_format": CACHE_FORMAT}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if not (k == "roi_mm" and v is None)}
+        payload = json.dumps({**fields, "cache_format": CACHE_FORMAT}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -113,6 +126,19 @@ def load_cache(prepared: str | os.PathLike, uid: str, mmap: bool = True) -> np.n
     return np.load(path, mmap_mode="r" if mmap else None)
 
 
+def load_roi(prepared: str | os.PathLike, uid: str):
+    """The spine window (:class:`keras_cspine.data.roi.SpineRoi`) a study's cached images show,
+    or None when they show the whole slice (prepared without ``roi_mm``)."""
+    from keras_cspine.data.roi import SpineRoi
+
+    path = Path(prepared) / "studies" / f"{uid}.json"
+    try:
+        roi = json.loads(path.read_text(encoding="utf-8")).get("roi")
+        return None if roi is None else SpineRoi.from_json(roi)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise CSpineDataError(path, f"no readable record of the study's window ({err})") from err
+
+
 def read_settings(prepared: str | os.PathLike) -> dict[str, Any]:
     """``prepare.json`` of a prepare folder."""
     path = Path(prepared) / "prepare.json"
@@ -120,77 +146,6 @@ def read_settings(prepared: str | os.PathLike) -> dict[str, Any]:
         raise CSpineDataError(path, "not a prepare folder (no prepare.json)")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-# --------------------------------------------------------------------------------------------
-# Work units (module level so that worker processes can run them)
-# --------------------------------------------------------------------------------------------
-def _slice_labels(layout: RsnaLayout, uid: str, meta) -> tuple[np.ndarray, bool]:
-    """(Z, 7) presence labels from the segmentation, or -1 and False when there is none."""
-    seg_path = layout.segmentation_path(uid)
-    if seg_path is None:
-        return np.full((len(meta.slices), len(VERTEBRAE)), -1, np.int8), False
-    from keras_cspine.io.nifti import align_segmentation, vertebra_presence
-
-    seg = align_segmentation(seg_path, meta)
-    return vertebra_presence(seg).astype(np.int8), True
-
-
-def _study_boxes(
-    boxes: pd.DataFrame, uid: str, meta, boxes_path: Path, errors: list[dict[str, str]], strict: bool
-) -> dict[int, list[list[float]]]:
-    """Boxes of a study keyed by slice number, each checked to lie inside its slice."""
-    by_slice: dict[int, list[list[float]]] = {}
-    if boxes.empty:
-        return by_slice
-    rows_of = {n: (s.rows, s.columns) for n, s in zip(meta.slice_numbers, meta.slices)}
-    for row in boxes[boxes.StudyInstanceUID == uid].itertuples(index=False):
-        number = int(row.slice_number)
-        box = [float(row.x), float(row.y), float(row.width), float(row.height)]
-        problem = None
-        if number not in rows_of:
-            problem = f"study {uid}: box on slice {number}, which is not in the series"
-        else:
-            rows, columns = rows_of[number]
-            if box[0] + box[2] > columns + 0.5 or box[1] + box[3] > rows + 0.5:
-                problem = (
-                    f"study {uid} slice {number}: box {box} reaches outside the "
-                    f"{columns}x{rows} image"
-                )
-        if problem:
-            if strict:
-                raise BoxError(boxes_path, problem)
-            errors.append({"path": str(boxes_path), "problem": problem})
-            continue
-        by_slice.setdefault(number, []).append(box)
-    return by_slice
-
-
-def _index_rows(uid: str, meta, labels: np.ndarray, known: bool, boxes, cache_file: str):
-    n = len(meta.slices)
-    positions = np.asarray(meta.positions_mm, dtype=float)
-    rows = []
-    for i, (number, sl) in enumerate(zip(meta.slice_numbers, meta.slices)):
-        slice_boxes = boxes.get(int(number), [])
-        rows.append(
-            {
-                "StudyInstanceUID": uid,
-                "slice_number": int(number),
-                "series_index": i,
-                "n_slices": n,
-                "z_mm": round(float(sl.image_position[2]), 4),
-                "position_mm": round(float(positions[0] - positions[i]), 4),
-                "slice_ratio": round(i / (n - 1), 6) if n > 1 else 0.0,
-                **{v: int(labels[i, k]) for k, v in enumerate(VERTEBRAE)},
-                "labels_known": int(known),
-                "has_fracture_box": int(bool(slice_boxes)),
-                "boxes": json.dumps(slice_boxes),
-                "rows": int(sl.rows),
-                "columns": int(sl.columns),
-                "cache_file": cache_file,
-            }
-        )
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +213,7 @@ def prepare_dataset(
     size: int = 224,
     mode: str = "bone",
     split: str = "train",
+    roi_mm: float | None = None,
     studies: Sequence[str] | None = None,
     limit: int | None = None,
     workers: int | None = None,
@@ -271,7 +227,7 @@ def prepare_dataset(
     Args:
         data_dir: an RSNA-layout folder.
         out_dir: the prepare folder (created; must not be a file or the dataset folder).
-        size, mode, split: see :class:`PrepareSettings` (size from 16 to 1024).
+        size, mode, split, roi_mm: see :class:`PrepareSettings` (size from 16 to 1024).
         studies: only these study UIDs (default: every study of the split); each must be a
             folder of ``<split>_images/``.
         limit: at most this many studies (after sorting), >= 1, for quick looks.
@@ -289,7 +245,7 @@ def prepare_dataset(
         CSpineDataError: a path that cannot serve (naming it), bad input with ``on_error="raise"``,
             or another ``prepare`` writing into ``out_dir``.
     """
-    settings = _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices)
+    settings = _check_arguments(size, mode, split, roi_mm, on_error, workers, limit, chunk_slices)
     cores = os.cpu_count() or 1
     data, out = Path(data_dir), Path(out_dir)
     layout = _check_folders(data, out, split)
@@ -300,7 +256,8 @@ def prepare_dataset(
                         chunk_slices, decoder, progress).run()  # fmt: skip
 
 
-def _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices) -> PrepareSettings:
+def _check_arguments(size, mode, split, roi_mm, on_error, workers, limit,
+                     chunk_slices) -> PrepareSettings:  # fmt: skip
     """The settings of :func:`prepare_dataset`'s arguments, or a ValueError naming the bad one."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -311,7 +268,7 @@ def _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices) 
         if (value is not None or not default) and (not whole or value < 1):
             hint = f" (None for {default})" if default else ""
             raise ValueError(f"{name} must be a whole number >= 1{hint}, got {value!r}")
-    return PrepareSettings(size=size, mode=mode, split=split)
+    return PrepareSettings(size=size, mode=mode, split=split, roi_mm=roi_mm)
 
 
 def _check_folders(data: Path, out: Path, split: str) -> RsnaLayout:
@@ -569,12 +526,21 @@ class _Prepare:
             except OSError as err:
                 self._fail(uid, err)
                 continue
+            roi = None
+            if self.settings.roi_mm is not None:
+                try:  # a few slices of the study, read here, before its chunks are handed out
+                    roi = read_study_roi(study.numbered[0][1].parent, self.settings.roi_mm,
+                                         self.decoder).to_json()  # fmt: skip
+                except (CSpineDataError, OSError, ValueError) as err:
+                    self._fail(uid, err)
+                    continue
+            self.state[uid]["roi"] = roi
             paths = [str(path) for _, path in study.numbered]
             for start in starts:
                 if uid not in self.state:
                     break  # failed meanwhile
                 args = (paths[start : start + chunk], start, str(tmp), self.settings.mode, size,
-                        self.decoder)  # fmt: skip
+                        self.decoder, roi)  # fmt: skip
                 yield (uid, start), workers_.render_chunk, args
 
     def _fail(self, uid: str, err: Exception) -> None:
@@ -601,15 +567,15 @@ class _Prepare:
         numbers = [number for number, _ in study.numbered]
         meta = series_from_slices(study.numbered[0][1].parent, numbers, info["metas"])
         try:
-            labels, known = _slice_labels(self.layout, uid, meta)
+            labels, known = slice_labels(self.layout, uid, meta)
         except CSpineDataError as err:
             if self.strict:
                 raise
             errors.append({"path": str(err.path), "problem": f"{err.problem} (labels left unknown)"})
             labels, known = np.full((len(meta.slices), len(VERTEBRAE)), -1, np.int8), False
-        study_boxes = _study_boxes(self.boxes, uid, meta, self.boxes_path, errors, self.strict)
+        boxes_by_slice = study_boxes(self.boxes, uid, meta, self.boxes_path, errors, self.strict)
         cache_file = f"cache/{uid}.npy"
-        rows = _index_rows(uid, meta, labels, known, study_boxes, cache_file)
+        rows = index_rows(uid, meta, labels, known, boxes_by_slice, cache_file)
         rank = {number: i for i, number in enumerate(numbers)}
         order = np.array([rank[number] for number in meta.slice_numbers])
         target = self.out / cache_file
@@ -632,7 +598,7 @@ class _Prepare:
         marker = {
             "format": MARKER_FORMAT, "settings_digest": self.digest, "inputs": study.inputs,
             "n_slices": len(rows), "head_first": bool(meta.head_first), "labels_known": known,
-            "cache_bytes": target.stat().st_size,
+            "cache_bytes": target.stat().st_size, "roi": info.get("roi"),
             "rows_sha1": hashlib.sha1(text.encode()).hexdigest(), "errors": errors,
         }  # fmt: skip
         write_json(self.marker_path(uid), marker)  # the commit: the study is done

@@ -57,6 +57,7 @@ def prepare_shard(
     size: int = 224,
     mode: str = "bone",
     split: str = "train",
+    roi_mm: float | None = None,
     studies: Sequence[str] | None = None,
     limit: int | None = None,
     workers: int | None = None,
@@ -80,7 +81,7 @@ def prepare_shard(
     """
     if isinstance(shard, str):
         shard = Shard.parse(shard)
-    settings = _check_arguments(size, mode, split, on_error, workers, limit, chunk_slices)
+    settings = _check_arguments(size, mode, split, roi_mm, on_error, workers, limit, chunk_slices)
     data, out = Path(data_dir), Path(out_dir)
     layout = _check_folders(data, out, split)
     uids = _select_studies(layout, split, studies, limit)

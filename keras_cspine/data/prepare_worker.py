@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from keras_cspine.data.preprocess import to_model_image
+from keras_cspine.data.roi import SpineRoi
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.dicom import read_slice
 
@@ -105,17 +106,22 @@ def init_worker(main_pid: int, seconds: float = WATCH_SECONDS) -> None:
 
 
 def render_chunk(
-    paths: Sequence[str], start: int, cache_tmp: str, mode: str, size: int, decoder: str
+    paths: Sequence[str], start: int, cache_tmp: str, mode: str, size: int, decoder: str,
+    roi: Sequence[int] | None = None,
 ) -> list:
-    """Decode, preprocess and store files ``start .. start+len(paths)`` (file order) of a study.
+    """Decode, preprocess and store files ``start .. start+len(paths)`` (file order) of a study;
+    with ``roi`` (``SpineRoi.to_json()``) only that window of each slice.
 
     Returns the files' SliceMeta: each file is parsed once, here, and the series is ordered from
     these headers afterwards (``keras_cspine.io.dicom.series_from_slices``).
     """
+    window = None if roi is None else SpineRoi.from_json(roi)
     cache = np.load(cache_tmp, mmap_mode="r+")
     metas = []
     for offset, path in enumerate(paths):
         hu, meta = read_slice(path, decoder=decoder)
+        if window is not None:
+            hu = window.crop(hu)
         cache[start + offset] = to_model_image(hu, mode=mode, size=size)
         metas.append(meta)
     cache.flush()

@@ -1,13 +1,16 @@
-"""Stage 2's region of interest: a square window of the slice around the cervical column.
+"""The spine window: a square window of the slice around the cervical column, for both stages.
 
-Beyond the paper, which feeds the whole slice to YOLO. The column fills a small part of an axial
-CT slice (on the synthetic ``small`` preset about a quarter of the field of view), and fracture
-lines are a few pixels wide: giving the detector only a window of ``roi_mm`` around the column,
-rendered at the detector's size, enlarges the bone as a bigger image would, at a fraction of its
-cost, and drops the jaw, skull and shoulders as distractions. Many RSNA 2022 solutions cropped
-to the vertebrae for the same reason.
+Beyond the paper, which feeds the whole slice to both networks. The column fills a small part of
+an axial CT slice (on the synthetic ``small`` preset about a quarter of the field of view), and
+fracture lines are a few pixels wide: giving a model only a window of ``roi_mm`` around the
+column, rendered at the model's size, enlarges the bone as a bigger image would, at a fraction of
+its cost, and drops the jaw, skull and shoulders as distractions. Many RSNA 2022 solutions
+cropped to the vertebrae for the same reason. Stage 2 takes it with ``detect export --roi-mm``,
+stage 1 with ``prepare --roi-mm`` (its small images then show the vertebra's own shape instead
+of a few pixels of it).
 
-The window is found per study from the pixels alone, the same way at export and at inference:
+The window is found per study from the pixels alone, the same way at prepare or export time and
+at inference:
 
 1. :func:`roi_sample` picks up to ``ROI_SAMPLE_SLICES`` slices evenly spread over the series,
    by slice number, so that the export (reading files) and the pipeline (holding the volume)
@@ -24,8 +27,9 @@ The window is found per study from the pixels alone, the same way at export and 
    minimum (air), as ``keras_cspine.data.preprocess.to_model_image`` pads a non-square slice.
 
 Boxes map both ways: :meth:`SpineRoi.yolo_label` turns a native-pixel box into the YOLO label
-of the window image (clipped to slice and window), :meth:`SpineRoi.to_slice` turns boxes found
-in the window image back into native slice pixels.
+of the window image (clipped to slice and window), :meth:`SpineRoi.to_image` into pixels of the
+window image, and :meth:`SpineRoi.to_slice` turns boxes found in the window image back into
+native slice pixels.
 
 On the synthetic ``small`` studies every fracture box lies within 49 mm of the centre found this
 way (99% within 42 mm), so the synthetic config's ``roi_mm: 100`` holds them all. On other data,
@@ -166,6 +170,18 @@ class SpineRoi:
         boxes[:, [1, 3]] = (boxes[:, [1, 3]] + self.top).clip(0, rows)
         return boxes
 
+    def to_image(self, box: Sequence[float], image_size: int) -> tuple[float, float, float, float]:
+        """Native ``[x, y, w, h]`` -> ``(x, y, w, h)`` in pixels of the ``image_size`` window image
+        (not clipped: a box partly outside the window reaches past the image).
+
+        Example:
+            >>> SpineRoi(top=10, left=20, side=100).to_image([30, 60, 10, 20], image_size=50)
+            (5.0, 25.0, 5.0, 10.0)
+        """
+        scale = image_size / self.side
+        x, y, w, h = (float(v) for v in box)
+        return (x - self.left) * scale, (y - self.top) * scale, w * scale, h * scale
+
     def to_json(self) -> list[int]:
         return [self.top, self.left, self.side]
 
@@ -180,6 +196,16 @@ def study_roi(slices_hu: Sequence[np.ndarray], pixel_spacing: Sequence[float],
     """The window of ``roi_mm`` around the column of a series, from its :func:`roi_sample`
     slices (see the module)."""
     return SpineRoi.around(spine_centre(slices_hu, pixel_spacing), pixel_spacing, roi_mm)
+
+
+def volume_roi(hu: np.ndarray, slice_numbers: Sequence[int], pixel_spacing: Sequence[float],
+               roi_mm: float) -> SpineRoi:  # fmt: skip
+    """:func:`study_roi` of a study held in memory (``(Z, rows, columns)`` HU in series order,
+    with its slice numbers), from the same :func:`roi_sample` slices as :func:`read_study_roi`
+    reads from its files."""
+    index = {int(n): i for i, n in enumerate(slice_numbers)}
+    sample = [hu[index[n]] for n in roi_sample(slice_numbers)]
+    return study_roi(sample, pixel_spacing, roi_mm)
 
 
 def read_study_roi(series_dir: str | os.PathLike, roi_mm: float,

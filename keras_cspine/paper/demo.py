@@ -59,13 +59,17 @@ class DemoSettings:
         studies, seed, preset: the synthetic dataset (``keras_cspine.synthetic.dataset``).
         image_size, mode: stage 1 images (prepare size and window mode: ``multiwindow`` gives
             the small GCViT the soft-tissue landmarks of each level besides the bone).
+        roi_mm: stage 1 images show the square window of this many mm around each study's
+            cervical column (``prepare --roi-mm``, ``keras_cspine.data.roi``); None: whole
+            slices, as the paper. At 64 px a whole 180 mm slice gives a vertebra a few pixels;
+            the window gives it a third of the image.
         workers: processes for synth / prepare (None: all cores).
         holdout_fraction: share of the labelled studies held out for the final prediction.
         stage1_config: bundled stage 1 config (``keras_cspine/configs``).
         stage1_epochs: epochs of stage 1 (None: the config's).
         stage1_overrides: further ``key=value`` overrides of the stage 1 config.
         export_size, export_mode: side and window mode of the YOLO export images.
-        export_roi_mm: the export's spine window (``keras_cspine.stage2.roi``); None: whole
+        export_roi_mm: the export's spine window (``keras_cspine.data.roi``); None: whole
             slices, as the paper.
         detect_config: bundled stage 2 config the training starts from (None: the defaults);
             the fields below override it.
@@ -74,15 +78,16 @@ class DemoSettings:
         box_conf: confidence threshold of stage 2 boxes in the pipeline.
     """
 
-    studies: int = 40
+    studies: int = 200
     seed: int = 0
-    preset: str = "small"
+    preset: str = "demo"
     image_size: int = 64
     mode: str = "multiwindow"
+    roi_mm: float | None = 100.0
     workers: int | None = None
-    holdout_fraction: float = 0.25
+    holdout_fraction: float = 0.125
     stage1_config: str = "stage1_synthetic_small"
-    stage1_epochs: int | None = 10
+    stage1_epochs: int | None = 5
     stage1_overrides: tuple[str, ...] = ("train.warmup_epochs=1",)
     export_size: int = 128
     export_mode: str = "bone"
@@ -91,7 +96,7 @@ class DemoSettings:
     # accumulates up to a nominal batch of 64), mild zoom, no mosaic, cosine learning rate
     detect_config: str | None = "detect_train_synthetic"
     detect_model: str = "yolov8n"
-    detect_epochs: int = 30
+    detect_epochs: int = 15
     detect_imgsz: int = 128
     detect_batch: int = 8
     detect_extra: tuple[str, ...] = ()
@@ -115,7 +120,7 @@ class DemoSettings:
     def paper(cls, **changes: Any) -> DemoSettings:
         """The paper's configurations, for the real Kaggle data (``--data``)."""
         base = cls(image_size=224, mode="paper", stage1_config="stage1_gcvit_tiny",
-                   stage1_epochs=None, stage1_overrides=(), holdout_fraction=0.1,
+                   roi_mm=None, stage1_epochs=None, stage1_overrides=(), holdout_fraction=0.1,
                    export_size=512, export_roi_mm=None, detect_config=None,
                    detect_model="yolov8s", detect_epochs=100, detect_imgsz=640, detect_batch=16,
                    detect_extra=(), box_conf=0.25)  # fmt: skip
@@ -333,7 +338,7 @@ def train_stage1_step(prepared: Path, run_dir: Path, settings: DemoSettings) -> 
     evaluation = summary.get("evaluation", {})
     data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
     return {
-        "image_size": settings.image_size, "mode": settings.mode,
+        "image_size": settings.image_size, "mode": settings.mode, "roi_mm": settings.roi_mm,
         "splits": {k: {"studies": v.get("num_studies"), "slices": v.get("num_samples")}
                    for k, v in data.items()},
         "run_dir": str(run_dir), "model": config.model.name,
@@ -384,7 +389,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(),
         layout = RsnaLayout(dev)
         studies = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
         return prepare_dataset(dev, prepared, size=settings.image_size, mode=settings.mode,
-                               studies=studies, workers=workers)  # fmt: skip
+                               roi_mm=settings.roi_mm, studies=studies, workers=workers)  # fmt: skip
 
     demo.step("prepare", prepare)
     demo.step("look", lambda: {"figures": [str(p) for p in look(prepared, out / "figures")]})
@@ -464,9 +469,11 @@ def summary_text(summary: dict[str, Any]) -> str:
         paper = PAPER_TABLE1["Proposed (GCViT)"]
         params = s1.get("parameters") or {}
         total = (params.get("trainable") or 0) + (params.get("non_trainable") or 0)
+        window = f" ({s1['roi_mm']:g} mm spine window)" if s1.get("roi_mm") else ""
         lines += [
             f"stage 1    : {s1['model']} ({total / 1e6:.1f} M parameters), "
-            f"{s1.get('image_size', '?')} px {s1.get('mode', '')}, {s1['epochs_run']} epochs on "
+            f"{s1.get('image_size', '?')} px {s1.get('mode', '')}{window}, {s1['epochs_run']} "
+            f"epochs on "
             f"{train.get('slices', '?')} slices of {train.get('studies', '?')} studies",
             f"             {s1.get('split')} split ({test.get('studies', '?')} studies, "
             f"{test.get('slices', '?')} slices), per slice as the paper: macro F1 "

@@ -159,19 +159,21 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
 
     started = time.perf_counter()
     z_mm = np.array([s.image_position[2] for s in meta.slices], dtype=np.float64)
+    numbers = np.asarray(meta.slice_numbers, dtype=np.int64)
+    stage1_roi = stage1.study_roi(hu, numbers, first.pixel_spacing)
     probabilities = stage1.study_probabilities(
         hu, positions, z_mm, batch_size=config.batch_size, sequence_model=config.sequence_model,
-        level_decoding=config.level_decoding,
+        level_decoding=config.level_decoding, roi=stage1_roi,
     )  # fmt: skip
     gated = gate_slices(probabilities, config.presence_threshold, config.gating)
     timings["stage1"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    numbers = np.asarray(meta.slice_numbers, dtype=np.int64)
     boxes: list[Box] = []
     roi = None
     if stage2 is not None:
-        roi = stage2.study_roi(hu, numbers, first.pixel_spacing)
+        roi = (stage1_roi if stage1_roi is not None and stage2.roi_mm == stage1.roi_mm
+               else stage2.study_roi(hu, numbers, first.pixel_spacing))  # fmt: skip
 
         def look(i: int) -> bool:
             xywh, scores = stage2.detect(hu[i], roi)
@@ -200,6 +202,7 @@ def predict_study(folder: str | os.PathLike, stage1: Stage1Model, stage2: Stage2
         "pixel_spacing_mm": list(first.pixel_spacing), "slice_spacing_mm": meta.spacing_mm,
         "head_first": meta.head_first, "transfer_syntax": first.transfer_syntax_uid,
         "stage2_roi": roi.to_json() if roi is not None else None,
+        "stage1_roi": stage1_roi.to_json() if stage1_roi is not None else None,
         "study_uid_source": named.source if uid == named.uid else "given",
         # the study's own warnings (its name; a RescaleSlope/Intercept taken as 1/0 ...)
         "warnings": ([named.warning] if named.warning else []) + list(meta.warnings),
@@ -504,7 +507,7 @@ def predict(
         write_csv(out / "errors.csv", errors, ["StudyInstanceUID", "path", "problem"])
         files["errors"] = str(out / "errors.csv")
     if reports:
-        files["index"] = str(write_index(table, reports, out))
+        files["index"] = str(write_index(table, reports, out, models=models))
     ok = len(table) - sum(row["status"] == "failed" for row in table)
     summary: dict[str, Any] = {
         "input": public_input,

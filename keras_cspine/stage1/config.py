@@ -83,7 +83,8 @@ class DataConfig:
         metadata_columns: index columns of the metadata input.
         balance: oversample rare label combinations (``CSpineSequence(balance=True)``).
         workers, use_multiprocessing: PyDataset loading parallelism.
-        prepare_size, prepare_mode: used only when DATA is a raw RSNA folder.
+        prepare_size, prepare_mode, prepare_roi_mm: ``prepare``'s size, mode and spine window
+            (None: whole slices), used only when DATA is a raw RSNA folder.
     """
 
     image_size: int | None = None
@@ -97,6 +98,7 @@ class DataConfig:
     use_multiprocessing: bool = False
     prepare_size: int = 224
     prepare_mode: str = "bone"
+    prepare_roi_mm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def _stage1_settings(run_dir: Path) -> dict[str, Any]:
             "image_size": int(recorded["image_size"]),
             "metadata_columns": tuple(recorded["metadata_columns"]),
             "metadata_scale": dict(recorded.get("metadata_scale") or {}),
+            "roi_mm": recorded.get("roi_mm"),
         }  # fmt: skip
     if not (run_dir / runs.CONFIG_FILE).is_file():  # a bare .keras file, not a run
         return {}
@@ -146,12 +147,15 @@ class Stage1Model:
         source: where the model came from (for logs).
         metadata_scale: the factor of each metadata column (default
             ``keras_cspine.stage1.dataset.METADATA_SCALE``; a run records its own).
+        roi_mm: the model sees the square window of this many mm around the study's cervical
+            column (``prepare --roi-mm``, :mod:`keras_cspine.data.roi`); None: whole slices.
     """
 
     def __init__(self, model, mode: str = "bone", render_size: int | None = None,
                  metadata_columns: Sequence[str] = ("position_mm", "slice_ratio"),
                  source: str = "<in memory>", level_decoder=None,
-                 sequence_model=None, metadata_scale: Mapping[str, float] | None = None):  # fmt: skip
+                 sequence_model=None, metadata_scale: Mapping[str, float] | None = None,
+                 roi_mm: float | None = None):  # fmt: skip
         from keras_cspine.data.preprocess import MODES, WINDOW_MODES
 
         if mode not in (*MODES, *WINDOW_MODES):
@@ -166,6 +170,7 @@ class Stage1Model:
         self.image_size = int(inputs["image"].shape[1]) if "image" in inputs else None
         self.render_size = int(render_size or self.image_size or 0) or None
         self.mode = mode
+        self.roi_mm = None if roi_mm is None else float(roi_mm)
         self.metadata_columns = tuple(metadata_columns)
         if metadata_scale is None:
             from keras_cspine.stage1.dataset import METADATA_SCALE
@@ -246,6 +251,7 @@ class Stage1Model:
                 render_size=render_size or settings.get("render_size"),
                 metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
                 metadata_scale=settings.get("metadata_scale"), source=str(model_path),
+                roi_mm=settings.get("roi_mm"),
                 level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
                 sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
                                 else None),
@@ -277,6 +283,7 @@ class Stage1Model:
         return {
             "source": self.source, "inputs": list(self.input_names), "mode": self.mode,
             "render_size": self.render_size, "image_size": self.image_size,
+            **({"roi_mm": self.roi_mm} if self.roi_mm is not None else {}),
             "metadata_columns": list(self.metadata_columns),
             "metadata_scale": dict(self.metadata_scale),
             "level_decoder": self.level_decoder is not None,
@@ -301,23 +308,46 @@ class Stage1Model:
                        axis=1) if self.metadata_columns else np.zeros((n, 0))  # fmt: skip
         return out.astype(np.float32)
 
-    def images(self, hu: np.ndarray) -> np.ndarray:
-        """``(Z, S, S, 3)`` float32 model images of a HU volume (the training preprocessing)."""
+    def study_roi(self, hu: np.ndarray, slice_numbers: Sequence[int],
+                  pixel_spacing: Sequence[float]):  # fmt: skip
+        """The spine window of a study (``(Z, rows, columns)`` HU in series order, with its slice
+        numbers), found from the same slices as ``prepare`` reads; None without :attr:`roi_mm`."""
+        if self.roi_mm is None:
+            return None
+        from keras_cspine.data.roi import volume_roi
+
+        return volume_roi(hu, slice_numbers, pixel_spacing, self.roi_mm)
+
+    def _check_roi(self, roi) -> None:
+        if (roi is None) != (self.roi_mm is None):
+            raise ValueError(f"stage 1 model {self.source} was trained on "
+                             + ("whole slices: pass no roi" if self.roi_mm is None
+                                else f"{self.roi_mm:g} mm spine windows: pass its study_roi"))
+
+    def images(self, hu: np.ndarray, roi=None) -> np.ndarray:
+        """``(Z, S, S, 3)`` float32 model images of a HU volume (the training preprocessing);
+        ``roi``: the study's :meth:`study_roi` when the model was trained on windows."""
         from keras_cspine.data.preprocess import to_model_image
         from keras_cspine.stage1.dataset import resample
 
+        self._check_roi(roi)
         out = np.empty((len(hu), self.image_size, self.image_size, 3), np.float32)
         for i, slice_hu in enumerate(hu):
+            if roi is not None:
+                slice_hu = roi.crop(slice_hu)
             image = to_model_image(slice_hu, mode=self.mode, size=self.render_size)
             out[i] = resample(image, self.image_size)
         return out
 
     def predict(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
-                batch_size: int = 32, return_features: bool = False):  # fmt: skip
+                batch_size: int = 32, return_features: bool = False, roi=None):  # fmt: skip
         """``(Z, 7)`` per-slice presence probabilities of C1..C7 for a HU volume in series order;
         with ``return_features`` also the ``(Z, F)`` slice features of
-        :func:`keras_cspine.stage1.sequence_model.feature_model`."""
+        :func:`keras_cspine.stage1.sequence_model.feature_model`. ``roi``: the study's
+        :meth:`study_roi` when the model was trained on spine windows."""
         n = len(positions_mm)
+        if "image" in self.input_names:
+            self._check_roi(roi)
         metadata = self.metadata(np.asarray(positions_mm, np.float64), z_mm)
         if self.runner is None:
             from keras_cspine.stage1.fast_inference import KerasRunner
@@ -330,7 +360,7 @@ class Stage1Model:
             stop = min(start + batch_size, n)
             batch: dict[str, np.ndarray] = {}
             if "image" in self.input_names:
-                batch["image"] = self.images(hu[start:stop])
+                batch["image"] = self.images(hu[start:stop], roi)
             if "metadata" in self.input_names:
                 batch["metadata"] = metadata[start:stop]
             if pad_batches and stop - start < batch_size and n > batch_size:
@@ -349,18 +379,20 @@ class Stage1Model:
 
     def study_probabilities(self, hu: np.ndarray, positions_mm: np.ndarray, z_mm: np.ndarray,
                             batch_size: int = 32, sequence_model: bool = True,
-                            level_decoding: bool = True) -> np.ndarray:  # fmt: skip
+                            level_decoding: bool = True, roi=None) -> np.ndarray:  # fmt: skip
         """``(Z, 7)`` probabilities of C1..C7 for a study in series order, read along the study:
         by the run's sequence model when it has one (and ``sequence_model``), else by its level
-        decoder (when ``level_decoding``), else the per-slice probabilities (the paper)."""
+        decoder (when ``level_decoding``), else the per-slice probabilities (the paper).
+        ``roi``: the study's :meth:`study_roi` when the model was trained on spine windows."""
         positions_mm = np.asarray(positions_mm, np.float64)
         if sequence_model and self.sequence_model is not None:
             from keras_cspine.stage1.sequence_model import apply_sequence_model
 
-            _, features = self.predict(hu, positions_mm, z_mm, batch_size, return_features=True)
+            _, features = self.predict(hu, positions_mm, z_mm, batch_size, return_features=True,
+                                       roi=roi)  # fmt: skip
             n = len(positions_mm)
             return apply_sequence_model(self.sequence_model, features, np.zeros(n), np.arange(n))
-        probabilities = self.predict(hu, positions_mm, z_mm, batch_size)
+        probabilities = self.predict(hu, positions_mm, z_mm, batch_size, roi=roi)
         if level_decoding and self.level_decoder is not None:
             from keras_cspine.stage1.level_decoding import slice_spacing
 

@@ -15,6 +15,8 @@ file                       what it holds
 ``level_decoder.json``     the study-level decoder (:mod:`keras_cspine.stage1.level_decoding`)
 ``sequence_model.keras``   the study sequence model (:mod:`keras_cspine.stage1.sequence_model`)
 ``training_log.csv``       Keras' CSVLogger, appended across resumes; ``history.json``
+``tensorboard/``           Keras' TensorBoard logs (``train/``, ``validation/``): losses, macro
+                           F1 and learning rate per epoch, continued across resumes
 ``backup/``                BackupAndRestore state while training runs
 ``fit_done.json``          the classifier's fit has ended (resume after it)
 ``summary.json``           the finished run; ``metrics.json``, ``table1_row.*``, ``table2.*``,
@@ -44,6 +46,7 @@ LEVEL_DECODER_FILE = "level_decoder.json"
 SEQUENCE_MODEL_FILE = "sequence_model.keras"
 TRAINING_LOG_FILE = "training_log.csv"
 HISTORY_FILE = "history.json"
+TENSORBOARD_DIR = "tensorboard"
 BACKUP_DIR = "backup"
 FIT_DONE_FILE = "fit_done.json"
 SUMMARY_FILE = "summary.json"
@@ -104,7 +107,8 @@ PREPROCESSING_FORMAT = 1
 
 def write_preprocessing(run_dir: str | os.PathLike, *, mode: str, render_size: int,
                         image_size: int, metadata_columns: Sequence[str],
-                        metadata_scale: Mapping[str, float], source: str | None = None) -> Path:  # fmt: skip
+                        metadata_scale: Mapping[str, float], source: str | None = None,
+                        roi_mm: float | None = None) -> Path:  # fmt: skip
     """Record beside ``model.keras`` how slices become the model's inputs, so that the run alone
     says it (``predict`` on another machine, after the prepared data is gone).
 
@@ -115,6 +119,8 @@ def write_preprocessing(run_dir: str | os.PathLike, *, mode: str, render_size: i
         metadata_columns: the features of the ``metadata`` input, in order.
         metadata_scale: the factor each metadata column is multiplied by.
         source: the prepared folder the values were read from (for the record only).
+        roi_mm: the spine window the slices were cropped to (``prepare --roi-mm``); None: whole
+            slices (then left out of the file).
     """
     path = Path(run_dir) / PREPROCESSING_FILE
     write_json(path, {
@@ -125,6 +131,7 @@ def write_preprocessing(run_dir: str | os.PathLike, *, mode: str, render_size: i
         "metadata_columns": list(metadata_columns),
         "metadata_scale": {c: float(metadata_scale.get(c, 1.0)) for c in metadata_columns},
         "source": source,
+        **({"roi_mm": float(roi_mm)} if roi_mm is not None else {}),
     })  # fmt: skip
     return path
 

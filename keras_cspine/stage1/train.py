@@ -23,6 +23,9 @@ The run directory (``--run-dir``, default ``runs/<config name>``) holds:
   :mod:`keras_cspine.stage1.sequence_model`, a bidirectional GRU trained after the classifier on the best
   model's slice features of the training split (used by ``evaluate`` and ``predict``);
 - ``training_log.csv`` (CSVLogger, appended across resumes) and ``history.json``;
+- ``tensorboard/``: Keras' TensorBoard logs (``train/`` and ``validation/``: loss, macro F1 and
+  learning rate per epoch), continued across resumes: ``tensorboard --logdir RUN/tensorboard``
+  (written when the ``tensorboard`` package is installed);
 - ``backup/``: the BackupAndRestore state while training runs: rerunning the same command after a
   kill resumes at the next epoch (the checkpoint's best score is restored from the log;
   ReduceLROnPlateau and EarlyStopping counters restart, the learning rate itself is restored);
@@ -48,6 +51,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -108,10 +112,13 @@ def resolve_prepared(
         )
     from keras_cspine.data.prepare import prepare_dataset
 
-    size, mode = config.data.prepare_size, config.data.prepare_mode
-    out = Path(prepared_dir) if prepared_dir else data.parent / f"{data.name}-prepared-{size}-{mode}"
-    print(f"[train] preparing {data} -> {out} (size {size}, mode {mode})", file=sys.stderr)
-    prepare_dataset(data, out, size=size, mode=mode, split="train")
+    size, mode, roi_mm = config.data.prepare_size, config.data.prepare_mode, config.data.prepare_roi_mm
+    window = f"-roi{roi_mm:g}" if roi_mm else ""
+    out = (Path(prepared_dir) if prepared_dir
+           else data.parent / f"{data.name}-prepared-{size}-{mode}{window}")  # fmt: skip
+    print(f"[train] preparing {data} -> {out} (size {size}, mode {mode}"
+          f"{f', {roi_mm:g} mm spine window' if roi_mm else ''})", file=sys.stderr)  # fmt: skip
+    prepare_dataset(data, out, size=size, mode=mode, roi_mm=roi_mm, split="train")
     return out
 
 
@@ -355,6 +362,7 @@ def _train_chief(config: Stage1Config, data, run_dir: Path, strategy, cluster, p
         for stale in (log_path, run_dir / runs.SEQUENCE_MODEL_FILE, fit_done_path):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
+        shutil.rmtree(run_dir / runs.TENSORBOARD_DIR, ignore_errors=True)  # not two runs' curves
     run_dir.mkdir(parents=True, exist_ok=True)
 
     prepared, splits = _prepare_inputs(config, data, prepared_dir)
@@ -410,8 +418,29 @@ def _write_preprocessing(run_dir: Path, prepared: Path, config: Stage1Config, se
         run_dir, mode=settings.get("mode", config.data.prepare_mode),
         render_size=settings.get("size") or sequence.cache_size, image_size=sequence.image_size,
         metadata_columns=config.data.metadata_columns, metadata_scale=METADATA_SCALE,
-        source=str(Path(prepared).resolve()),
+        source=str(Path(prepared).resolve()), roi_mm=settings.get("roi_mm"),
     )  # fmt: skip
+
+
+def tensorboard_installed() -> bool:
+    """Whether ``tf.summary`` can write scalars: its implementation is the ``tensorboard``
+    package, which TensorFlow does not install by itself."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _tensorboard(keras, log_dir: Path) -> list:
+    """``[TensorBoard]``: Keras' callback writing, per epoch, in ``train/`` and ``validation/``,
+    the losses (``epoch_loss``), the macro F1 (``epoch_f1_score``) and, in ``train/``, the
+    learning rate (``epoch_learning_rate``); no graph, no profiler, no network. ``[]`` without
+    the ``tensorboard`` package (one line says so)."""
+    if not tensorboard_installed():
+        print("[train] no TensorBoard logs: the tensorboard package is not installed "
+              "(pip install tensorboard)", file=sys.stderr)  # fmt: skip
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False, profile_batch=0,
+                                        update_freq="epoch")]  # fmt: skip
 
 
 def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
@@ -456,6 +485,8 @@ def _fit_classifier(config: Stage1Config, run_dir: Path, train_seq, val_seq,
         ),  # fmt: skip
         keras.callbacks.CSVLogger(str(log_path), append=True),
     ]
+    if cluster is None or cluster.is_chief:  # a worker's logs would only go to its scratch folder
+        callbacks.extend(_tensorboard(keras, run_dir / runs.TENSORBOARD_DIR))
     if config.train.early_stopping_patience > 0:
         callbacks.append(
             keras.callbacks.EarlyStopping(

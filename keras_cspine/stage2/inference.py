@@ -69,7 +69,7 @@ class Stage2Model:
         detector: a ``keras_cspine.stage2.onnx_predictor.OnnxDetector``.
         mode: preprocessing mode of the YOLO export images.
         size: side of the export images (the detector letterboxes them to its input size).
-        roi_mm: the export's spine window (``keras_cspine.stage2.roi``); None: whole slices.
+        roi_mm: the export's spine window (``keras_cspine.data.roi``); None: whole slices.
         source: where the model came from.
     """
 
@@ -121,11 +121,9 @@ class Stage2Model:
         numbers), found from the same slices as at export; None without ``roi_mm``."""
         if self.roi_mm is None:
             return None
-        from keras_cspine.stage2.roi import roi_sample, study_roi
+        from keras_cspine.data.roi import volume_roi
 
-        index = {int(n): i for i, n in enumerate(slice_numbers)}
-        sample = [hu[index[n]] for n in roi_sample(slice_numbers)]
-        return study_roi(sample, pixel_spacing, self.roi_mm)
+        return volume_roi(hu, slice_numbers, pixel_spacing, self.roi_mm)
 
     def detect(self, hu: np.ndarray, roi=None) -> tuple[np.ndarray, np.ndarray]:
         """Boxes ``(N, 4)`` as ``x, y, width, height`` in native slice pixels, and scores;

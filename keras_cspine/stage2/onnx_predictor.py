@@ -282,7 +282,7 @@ class OnnxDetector:
         Use :meth:`Detections.xywh` for the ``train_bounding_boxes.csv`` convention. The slice
         is rendered with ``keras_cspine.data.preprocess.to_model_image`` (``mode``, ``size``;
         use the export's settings, by default the model's input size), as at training time;
-        with ``roi`` (a ``keras_cspine.stage2.roi.SpineRoi``, for a detector trained on an
+        with ``roi`` (a ``keras_cspine.data.roi.SpineRoi``, for a detector trained on an
         export with ``roi_mm``) only that window of the slice is rendered.
         """
         from keras_cspine.data.preprocess import to_model_image

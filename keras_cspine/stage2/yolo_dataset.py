@@ -13,7 +13,7 @@ Ultralytics dataset:
   ``patient_overall`` is 0, or (``negative_source="unboxed"``, and as a fallback when there is
   no such study) from slices far from any box;
 - ``roi_mm`` (beyond the paper): each image shows only a square window of that many mm around the
-  study's cervical column (``keras_cspine.stage2.roi``), its boxes relative to the window;
+  study's cervical column (``keras_cspine.data.roi``), its boxes relative to the window;
 - the split is by study (``keras_cspine.data.splits.split_studies``, fractured and healthy studies
   split separately so both kinds reach every split), never by slice; ``holdout=True`` puts every
   study in the val split instead: an independent test set (e.g. a ``synth`` dataset with
@@ -69,7 +69,7 @@ class ExportConfig:
         size: side of the square images, pixels.
         mode: ``keras_cspine.data.preprocess`` mode: "bone", "multiwindow" or "paper".
         roi_mm: render only a square window of this many mm around the cervical column of each
-            study (``keras_cspine.stage2.roi``; beyond the paper) instead of the whole slice;
+            study (``keras_cspine.data.roi``; beyond the paper) instead of the whole slice;
             None: the whole slice, as the paper. Boxes outside the window are left out and
             counted as ``outside_roi`` (a positive slice left with none gives no image).
         negatives: number of negative slices; None sizes them with ``negative_ratio``.
@@ -388,8 +388,8 @@ def _render(item: ExportItem, out: str, size: int, mode: str, decoder: str) -> d
     from PIL import Image
 
     from keras_cspine.data.preprocess import to_model_image
+    from keras_cspine.data.roi import SpineRoi
     from keras_cspine.io.dicom import read_slice
-    from keras_cspine.stage2.roi import SpineRoi
 
     try:
         hu, meta = read_slice(item.source, decoder=decoder)
@@ -478,12 +478,12 @@ def _prepare_out(out: Path, digest: str, overwrite: bool) -> dict[str, dict]:
 
 def _with_rois(items: list[ExportItem], config: ExportConfig, errors: list[dict[str, str]],
                progress: bool) -> list[ExportItem]:  # fmt: skip
-    """The items with their study's spine window (``keras_cspine.stage2.roi``), found from a
+    """The items with their study's spine window (``keras_cspine.data.roi``), found from a
     few slices of each study. A study whose slices cannot be read raises, or with
     ``on_error="skip"`` is recorded in ``errors`` and left out."""
     from tqdm.auto import tqdm
 
-    from keras_cspine.stage2.roi import read_study_roi
+    from keras_cspine.data.roi import read_study_roi
 
     rois = {}
     for folder in tqdm(sorted({Path(item.source).parent for item in items}), desc="spine windows",
