@@ -96,11 +96,15 @@ PREPARE = '''# The slice index + image cache (shared with notebooks 02-04). On K
 from keras_cspine.data.prepare import load_index, prepare_dataset
 from keras_cspine.io.rsna import RsnaLayout
 
+# The paper: whole 224 px slices, Algorithm 1. On the CPU: 64 px of the 100 mm window around the
+# cervical column (beyond the paper), in bone and soft-tissue windows, so that a vertebra is not
+# a few pixels of the image.
 SIZE = 32 if SMALL else (224 if USE_KAGGLE else 64)
+MODE, ROI_MM = ("paper", None) if USE_KAGGLE else ("multiwindow", 100.0)
 PREPARED = WORK / f"prepared{SIZE}"
 layout = RsnaLayout(DATA)
 labelled = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
-prepare_dataset(DATA, PREPARED, size=SIZE, mode="bone", studies=labelled,
+prepare_dataset(DATA, PREPARED, size=SIZE, mode=MODE, roi_mm=ROI_MM, studies=labelled,
                 workers=1 if SMALL else 2, progress=USE_KAGGLE)  # a progress bar on the real data
 index = load_index(PREPARED)
 print(f"{index.StudyInstanceUID.nunique()} studies, {len(index)} slices")'''
@@ -411,7 +415,8 @@ if not (STAGE1 / "model.keras").is_file():
     size = 32 if SMALL else 64
     layout = RsnaLayout(DATA)
     labelled = [u for u in layout.list_studies() if layout.segmentation_path(u) is not None]
-    prepare_dataset(DATA, WORK / f"prepared{size}", size=size, studies=labelled, workers=1, progress=False)
+    prepare_dataset(DATA, WORK / f"prepared{size}", size=size, mode="multiwindow", roi_mm=100.0,
+                    studies=labelled, workers=1, progress=False)  # as notebook 01 prepares it
     config = load_stage1_config("stage1_synthetic_small", [f"data.image_size={size}",
                                 *(["train.epochs=1", "train.steps_per_epoch=4"] if SMALL else ["train.epochs=6"])])
     train_stage1(config, WORK / f"prepared{size}", STAGE1, overwrite=True, verbose=2)

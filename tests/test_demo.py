@@ -67,6 +67,7 @@ def test_settings_validation_and_paper_preset():
     assert (paper.stage1_config, paper.image_size, paper.detect_model, paper.detect_epochs,
             paper.detect_imgsz, paper.mode) == ("stage1_gcvit_tiny", 224, "yolov8s", 100, 640, "paper")  # fmt: skip
     assert paper.export_roi_mm is None and paper.detect_config is None  # whole slices, as the paper
+    assert paper.roi_mm is None and DemoSettings().roi_mm == 100.0  # stage 1 too
     quick = DemoSettings.quick(workers=1)
     assert (quick.studies, quick.stage1_epochs, quick.detect_epochs, quick.workers) == (6, 1, 1, 1)
     assert DemoSettings.quick().studies < DemoSettings().studies
@@ -77,6 +78,7 @@ def test_summary_text_names_outputs_and_metrics():
         "run_dir": "/r", "data": "/r/data", "prepared": "/r/prepared", "steps": {"synth": 1.0},
         "results": {
             "stage1": {"model": "gcvit_xxtiny", "epochs_run": 2, "split": "test", "run_dir": "/r/s1",
+                       "image_size": 64, "mode": "multiwindow", "roi_mm": 100.0,
                        "metrics": {"macro_f1": 0.5, "exact_match_ratio": 0.25,
                                    "coverage_error": 2.0},
                        "metrics_sequence_model": {"macro_f1": 0.75, "exact_match_ratio": 0.625}},
@@ -92,6 +94,7 @@ def test_summary_text_names_outputs_and_metrics():
     assert "+ study sequence model (beyond the paper): macro F1 0.750, EMR 0.625" in text
     assert "(paper 0.96 / 0.95 / 1.26)" in text  # the paper's Table 1 row beside ours
     assert "tensorboard --logdir /r/s1/tensorboard" in text
+    assert "64 px multiwindow (100 mm spine window), 2 epochs" in text
     assert len(text.strip().splitlines()) <= 24  # one screen
     assert "RSNA weighted log loss 0.6123" in text and "patient AUC 0.750" in text
     assert "mean vertebra AUC n/a" in text

@@ -8,12 +8,12 @@ from PIL import Image
 
 from keras_cspine.io.rsna import TARGETS, VERTEBRAE
 from keras_cspine.pipeline.predict import Box, StudyResult
+from keras_cspine.pipeline.index_page import write_index
 from keras_cspine.pipeline.report import (
     figure_key_slices,
     figure_overview,
     figure_vertebra_bars,
     render_html,
-    write_index,
     write_study_report,
 )
 
@@ -169,6 +169,46 @@ def test_index_links_the_training_figures_of_the_models_used(tmp_path):
     assert "study_levels" not in section and "PR_curve" not in section  # not in the runs
     assert "../runs/detect/confusion_matrix.png" not in section
     assert "<code>stage1 &lt;a&gt;</code>" in section and "<a>" not in section
+
+
+def test_index_shows_the_training_data_figures_and_the_runs_scores(tmp_path):
+    """The prepare folder stage 1 trained on (its ``preprocessing.json`` source) gives Figures 3-4
+    when ``look`` drew them there; the runs' metrics give the Table 1 and Table 3 rows beside the
+    paper's."""
+    import json
+
+    from keras_cspine.stage1.runs import write_preprocessing
+
+    prepared, stage1, stage2 = tmp_path / "prep", tmp_path / "s1", tmp_path / "s2"
+    _touch(prepared / "figures" / "figure3_fracture_counts.png")
+    _touch(prepared / "figures" / "slices.png")
+    stage1.mkdir()
+    (stage1 / "model.keras").write_bytes(b"")
+    write_preprocessing(stage1, mode="bone", render_size=32, image_size=32, metadata_columns=[],
+                        metadata_scale={}, source=str(prepared))  # fmt: skip
+    metrics = {"split": "test", "n_studies": 35,
+               "metrics": {"macro_f1": 0.8282, "exact_match_ratio": 0.7751, "coverage_error": 1.0946},
+               "metrics_sequence_model": {"macro_f1": 0.9522, "exact_match_ratio": 0.9249,
+                                          "coverage_error": 0.9985}}  # fmt: skip
+    (stage1 / "metrics.json").write_text(json.dumps(metrics))
+    (stage2 / "weights").mkdir(parents=True)
+    (stage2 / "metrics.json").write_text(json.dumps({
+        "model": "yolov8n", "split": "val", "images": 131, "precision": 0.779, "recall": 0.672,
+        "mAP50": 0.7477, "mAP50-95": 0.2638}))  # fmt: skip
+    models = {"stage1": {"source": str(stage1 / "model.keras")},
+              "stage2": {"source": str(stage2 / "weights" / "best.onnx")}}  # fmt: skip
+    section = write_index(_index_table(), {}, tmp_path, models=models).read_text().split(
+        "<h2>Training figures</h2>")[1]  # fmt: skip
+    assert "stage 1's prepared data <a href='prep'>" in section
+    assert "<a href='prep/figures/figure3_fracture_counts.png'>" in section
+    assert "Fractures per vertebra in the data (Figure 3)" in section
+    assert "<a href='prep/figures/slices.png'>" in section and "(Figure 4)" in section
+    assert "Stage 1, per slice (Table 1" in section and "0.828 / 0.775 / 1.095" in section
+    assert "Stage 1, sequence model" in section and "0.952 / 0.925 / 0.999" in section
+    assert "level-decoded" not in section  # not in these metrics
+    assert "0.96 / 0.95 / 1.26" in section  # the paper's GCViT row
+    assert "Stage 2, yolov8n (Table 3" in section and "0.779 / 0.672 / 0.748 / 0.264" in section
+    assert "0.94 / 0.921 / 0.96 / 0.747 (YOLOv8s)" in section
 
 
 @pytest.mark.parametrize("models", [

@@ -96,7 +96,7 @@ class DemoSettings:
     # accumulates up to a nominal batch of 64), mild zoom, no mosaic, cosine learning rate
     detect_config: str | None = "detect_train_synthetic"
     detect_model: str = "yolov8n"
-    detect_epochs: int = 15
+    detect_epochs: int = 25
     detect_imgsz: int = 128
     detect_batch: int = 8
     detect_extra: tuple[str, ...] = ()
@@ -392,7 +392,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(),
                                roi_mm=settings.roi_mm, studies=studies, workers=workers)  # fmt: skip
 
     demo.step("prepare", prepare)
-    demo.step("look", lambda: {"figures": [str(p) for p in look(prepared, out / "figures")]})
+    # the data figures go with the data: the index of predict finds them through stage 1's run
+    demo.step("look", lambda: {"figures": [str(p) for p in look(prepared, prepared / "figures")]})
 
     export_dir = out / "yolo"
 

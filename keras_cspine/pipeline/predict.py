@@ -74,7 +74,8 @@ from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import TARGETS
 from keras_cspine.pipeline.config import DEFAULT_PREDICT_CONFIG, PredictConfig
 from keras_cspine.pipeline.evaluate import evaluate_predictions, evaluation_markdown
-from keras_cspine.pipeline.report import ReportPool, save_report_images, write_index
+from keras_cspine.pipeline.index_page import write_index
+from keras_cspine.pipeline.report import ReportPool, save_report_images
 from keras_cspine.pipeline.results import (
     Box,
     StudyResult,

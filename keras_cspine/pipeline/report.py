@@ -12,9 +12,7 @@ HTML or Markdown page around them:
   on native slices in the bone window);
 - ``vertebrae.png``: a bar chart of the fracture probability of C1..C7 and of the patient.
 
-:func:`write_index` writes ``index.html`` linking every study's report with its probabilities,
-and the figures of the stage 1 and stage 2 training runs the predictions came from (Figure 6,
-Figures 7-10, Tables 1-2; :data:`STAGE1_FIGURES`, :data:`STAGE2_FIGURES`).
+``index.html``, the page that links them all, is :mod:`keras_cspine.pipeline.index_page`.
 Figures use matplotlib's Agg backend; every file is written atomically.
 """
 
@@ -22,8 +20,9 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ import numpy as np
 
 from keras_cspine.io.rsna import TARGETS, VERTEBRAE
 from keras_cspine.pipeline.results import StudyResult
-from keras_cspine.stage1 import runs as stage1_runs
 from keras_cspine.utils import atomic_write
 from keras_cspine.viz import VERTEBRA_COLOURS, _pyplot, save_figure
 
@@ -45,11 +43,6 @@ __all__ = [
     "render_markdown",
     "render_saved_reports",
     "save_report_images",
-    "STAGE1_FIGURES",
-    "STAGE2_FIGURES",
-    "training_figures",
-    "training_runs",
-    "write_index",
     "write_study_report",
 ]
 
@@ -301,129 +294,6 @@ def write_study_report(result: StudyResult, folder: str | os.PathLike, fmt: str 
     return path
 
 
-# What a training run shows: (where in the run folder, the first found of them; its name)
-STAGE1_FIGURES: tuple[tuple[tuple[str, ...], str], ...] = (
-    ((f"{stage1_runs.FIGURES_DIR}/{stage1_runs.LOSS_CURVES_FIGURE}",),
-     "Stage 1 loss and macro F1 curves (Figure 6)"),
-    ((f"{stage1_runs.FIGURES_DIR}/study_levels.png",),
-     "Stage 1 vertebrae slice by slice on its hardest studies"),
-    ((f"{stage1_runs.TABLE1_ROW}.md",), "Stage 1 Table 1 row"),
-    ((f"{stage1_runs.TABLE2}.md",), "Stage 1 Table 2 (per-vertebra report)"),
-)  # fmt: skip
-STAGE2_FIGURES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("figures/fig7-8_training_curves.png",), "Stage 2 training curves (Figures 7-8)"),
-    (("results.png",), "Stage 2 training results (Ultralytics)"),
-    (("val/figures/fig9_confusion_matrix.png", "figures/fig9_confusion_matrix.png"),
-     "Stage 2 confusion matrix (Figure 9)"),
-    (("val/confusion_matrix.png", "confusion_matrix.png"),
-     "Stage 2 confusion matrix (Ultralytics)"),
-    (("val/confusion_matrix_normalized.png", "confusion_matrix_normalized.png"),
-     "Stage 2 normalised confusion matrix (Ultralytics)"),
-    (("val/BoxPR_curve.png", "BoxPR_curve.png", "val/PR_curve.png", "PR_curve.png"),
-     "Stage 2 precision-recall curve"),
-    (("val/BoxF1_curve.png", "BoxF1_curve.png", "val/F1_curve.png", "F1_curve.png"),
-     "Stage 2 F1-confidence curve"),
-    (("val/figures/fig10_predictions.png", "figures/fig10_predictions.png"),
-     "Stage 2 predicted and true fracture boxes (Figure 10)"),
-    (("labels.jpg",), "Stage 2 training boxes (Ultralytics labels)"),
-)  # fmt: skip
-_THUMBNAILS = (".png", ".jpg", ".jpeg", ".svg")
-
-
-def training_runs(models: Mapping[str, Any] | None) -> dict[str, Path]:
-    """The training run folders of predict's models (the ``models`` of its ``summary.json`` or of
-    a study's JSON): stage 1, the folder of the ``model.keras`` it loaded; stage 2, the run that
-    holds its ``weights/best.onnx`` (or ``best.onnx``). Models built in memory have none."""
-    found: dict[str, Path] = {}
-    for stage in ("stage1", "stage2"):
-        source = ((models or {}).get(stage) or {}).get("source")
-        if not source or str(source).startswith("<"):
-            continue
-        folder = Path(source).parent
-        if stage == "stage2" and folder.name == "weights":
-            folder = folder.parent
-        if folder.is_dir():
-            found[stage] = folder
-    return found
-
-
-def training_figures(run_folders: Mapping[str, str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(name, path) of each figure or table of :data:`STAGE1_FIGURES` / :data:`STAGE2_FIGURES`
-    found in the run folders (``{"stage1": folder, "stage2": folder}``), in that order."""
-    found = []
-    for stage, table in (("stage1", STAGE1_FIGURES), ("stage2", STAGE2_FIGURES)):
-        if stage not in run_folders:
-            continue
-        folder = Path(run_folders[stage])
-        for candidates, name in table:
-            path = next((folder / c for c in candidates if (folder / c).is_file()), None)
-            if path is not None:
-                found.append((name, path))
-    return found
-
-
-def _href(path: Path, base: Path) -> str:
-    """``path`` relative to ``base`` (moves with it), escaped for an attribute."""
-    try:
-        link = Path(os.path.relpath(path, base)).as_posix()
-    except ValueError:  # another drive
-        link = Path(path).absolute().as_uri()
-    return html.escape(link)
-
-
-def _training_section(run_folders: Mapping[str, str | os.PathLike], out: Path) -> str:
-    """The index's "Training figures": a link (and a thumbnail) per figure found; "" if none."""
-    figures = training_figures(run_folders)
-    if not figures:
-        return ""
-    e = html.escape
-    where = "; ".join(f"{label} run <a href='{_href(Path(run_folders[stage]), out)}'>"
-                      f"<code>{e(Path(run_folders[stage]).name)}</code></a>"
-                      for stage, label in (("stage1", "stage 1"), ("stage2", "stage 2"))
-                      if stage in run_folders)  # fmt: skip
-    items = []
-    for name, path in figures:
-        href = _href(path, out)
-        thumb = (f"<img width='240' src='{href}' alt='{e(name)}'><br>"
-                 if path.suffix.lower() in _THUMBNAILS else "")  # fmt: skip
-        items.append(f"<figure style='display:inline-block;vertical-align:top;margin:6px'>"
-                     f"<a href='{href}'>{thumb}{e(name)}</a></figure>")  # fmt: skip
-    return (f"<h2>Training figures</h2><p>From the training runs of the models used: "
-            f"{where}.</p><div>" + "\n".join(items) + "</div>")  # fmt: skip
-
-
-def write_index(table: Sequence[Mapping[str, Any]], reports: Mapping[str, str],
-                out: str | os.PathLike, models: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
-    """``out/index.html``: one row per study (probabilities, counts, status, report link), then
-    the figures of the training runs of ``models`` (predict's record of them, see
-    :func:`training_runs`), linked relative to ``out``, when there are any."""
-    out = Path(out)
-    e = html.escape
-    head = "".join(f"<th>{t}</th>" for t in (*TARGETS, "slices", "stage 2", "boxes", "status"))
-    rows = []
-    for row in table:
-        uid = str(row["StudyInstanceUID"])
-        link = e(uid)
-        if uid in reports:
-            link = f"<a href='{e(os.path.relpath(reports[uid], out))}'>{e(uid)}</a>"
-        cells = "".join(f"<td>{float(row[t]):.3f}</td>" for t in TARGETS)
-        cells += "".join(f"<td>{e(str(row[k]))}</td>" for k in ("n_slices", "n_gated", "n_boxes",
-                                                                 "status"))  # fmt: skip
-        rows.append(f"<tr><td style='text-align:left'>{link}</td>{cells}</tr>")
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>keras_cspine predictions</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid "
-        "#ccc;padding:2px 6px;text-align:right}</style></head><body>"
-        f"<h1>Two-stage predictions ({len(table)} studies)</h1><table><tr><th>study</th>{head}</tr>"
-        + "\n".join(rows) + "</table>" + _training_section(training_runs(models), out)
-        + "</body></html>\n"
-    )  # fmt: skip
-    path = out / "index.html"
-    with atomic_write(path, encoding="utf-8") as handle:
-        handle.write(page)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Rendering off the critical path
 # --------------------------------------------------------------------------------------------
@@ -563,7 +433,6 @@ def save_report_images(result: StudyResult, path: str | os.PathLike) -> Path:
 def load_study_result(json_path: str | os.PathLike) -> StudyResult:
     """A study's result from ``OUT/studies/<UID>.json`` with its report images
     (``OUT/report_data/<UID>.npz``, written by ``predict --report none``, when there)."""
-    import json
 
     json_path = Path(json_path)
     result = StudyResult.from_json(json.loads(json_path.read_text(encoding="utf-8")))
@@ -616,13 +485,14 @@ def render_saved_reports(out: str | os.PathLike, fmt: str = "html", workers: int
     if table_path.is_file() and reports:
         with open(table_path, newline="", encoding="utf-8") as handle:
             table = list(csv.DictReader(handle))
+        from keras_cspine.pipeline.index_page import write_index
+
         write_index(table, reports, out, models=_saved_models(out))
     return {"reports": reports, "failures": failures}
 
 
 def _saved_models(out: Path) -> dict[str, Any] | None:
     """predict's record of its models: from ``out/summary.json``, else from a study's JSON."""
-    import json
 
     for path in (out / "summary.json", *sorted((out / "studies").glob("*.json"))):
         try:

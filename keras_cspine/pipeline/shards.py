@@ -257,7 +257,7 @@ def _merge(out: Path, count: int) -> dict[str, Any]:
     else:
         (out / "errors.csv").unlink(missing_ok=True)
     if reports:
-        from keras_cspine.pipeline.report import write_index
+        from keras_cspine.pipeline.index_page import write_index
 
         files["index"] = str(write_index(predictions, reports, out))
 

@@ -1,5 +1,5 @@
-"""Stage 1 at inference, fast (Section 2.5, the network of Figure 5): the classifier run by XLA
-or by onnxruntime from an ONNX export, agreeing with plain Keras.
+"""Stage 1 at inference, fast (Section 2.5, the network of Figure 5): the classifier run by XLA,
+or from an ONNX export by onnxruntime or OpenVINO, agreeing with plain Keras.
 
 Engines (``Stage1Model.use_engine``, ``predict --stage1-engine``):
 
@@ -8,6 +8,8 @@ Engines (``Stage1Model.use_engine``, ``predict --stage1-engine``):
 - ``onnx``: the model converted by tf2onnx and run by onnxruntime (float32);
 - ``onnx_int8``: the ONNX model with dynamically quantised int8 weights
   (``onnxruntime.quantization.quantize_dynamic``): reduced precision, opt-in only;
+- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU (float32 inference
+  precision, so also on CPUs with bfloat16 units; ``LATENCY`` hint: one stream on all threads);
 - ``auto``: ``keras``. Measured side by side on a 2-core Xeon (AMX/AVX-512;
   ``benchmarks/bench_stage1_inference.py``), neither ``xla`` nor ``onnx`` beats Keras' oneDNN
   kernels for the paper's GCViT-tiny at 224 px (both were slower), so plain Keras stays the
@@ -42,9 +44,9 @@ import numpy as np
 from keras_cspine.errors import CSpineDataError, MissingDependencyError
 from keras_cspine.utils import atomic_path
 
-ENGINES = ("auto", "keras", "xla", "onnx", "onnx_int8")
+ENGINES = ("auto", "keras", "xla", "onnx", "onnx_int8", "openvino")
 #: Engines that compute in float32: they must agree with Keras within FLOAT_TOLERANCE.
-FLOAT_ENGINES = ("keras", "xla", "onnx")
+FLOAT_ENGINES = ("keras", "xla", "onnx", "openvino")
 #: Largest absolute difference of a probability allowed between a float engine and Keras.
 FLOAT_TOLERANCE = 1e-4
 #: What ``auto`` means (see the module docstring for the measurements behind it).
@@ -83,15 +85,38 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def onnx_available() -> bool:
+def _importable(*modules: str) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("tf2onnx", "onnxruntime", "onnx"))
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def onnx_available() -> bool:
+    return _importable("tf2onnx", "onnxruntime", "onnx")
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` engine can run: OpenVINO, and tf2onnx for the export."""
+    return _importable("openvino") and onnx_available()
 
 
 def _require_onnx() -> None:
     if not onnx_available():
         raise MissingDependencyError("tf2onnx", "onnx", "The ONNX stage 1 engine")
+
+
+def _require_openvino() -> None:
+    if not _importable("openvino"):
+        raise MissingDependencyError("openvino", "onnx", "The OpenVINO stage 1 engine")
+
+
+def engine_available(engine: str) -> bool:
+    """Whether the optional packages ``engine`` needs are installed (the import is not tried)."""
+    if engine in ("onnx", "onnx_int8"):
+        return onnx_available()
+    if engine == "openvino":
+        return openvino_available()
+    return True
 
 
 _ERFC_REGISTERED = False
@@ -273,6 +298,58 @@ class OnnxRunner:
         return (out[0] if len(out) == 2 else None), np.asarray(out[-1], np.float32)
 
 
+class OpenVinoRunner:
+    """An ONNX export of the classifier compiled by OpenVINO for the CPU.
+
+    Args:
+        path: the ``.onnx`` file (made by :func:`export_onnx`).
+        threads: inference threads (``INFERENCE_NUM_THREADS``); None lets OpenVINO choose.
+        expect_sha256: the SHA-256 the export must have been made from.
+        compiled_cache: a folder for OpenVINO's compiled models (``CACHE_DIR``), or None.
+        precision: ``INFERENCE_PRECISION_HINT``; ``f32`` (the default) agrees with Keras,
+            ``bf16`` is reduced precision (measured by the benchmark, not offered by ``predict``).
+        hint: ``PERFORMANCE_HINT``, ``LATENCY`` (one stream; a batch is one request) or
+            ``THROUGHPUT``.
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 expect_sha256: str | None = None, compiled_cache: str | os.PathLike | None = None,
+                 precision: str = "f32", hint: str = "LATENCY"):  # fmt: skip
+        _require_openvino()
+        import openvino as ov
+
+        self.path = Path(path)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(self.path))
+            meta = json.loads(model.get_rt_info(["framework", METADATA_KEY]).astype(str))
+        except Exception as err:  # noqa: BLE001 - OpenVINO raises its own types
+            raise CSpineDataError(self.path, f"not a stage 1 ONNX export: {err}") from err
+        if expect_sha256 is not None and meta.get("source_sha256") != expect_sha256:
+            raise CSpineDataError(self.path, "made from another model than the one given "
+                                             "(SHA-256 differs)")  # fmt: skip
+        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if compiled_cache is not None:
+            config["CACHE_DIR"] = str(compiled_cache)
+        self.meta = meta
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in model.inputs]
+        self.outputs = list(meta["outputs"])
+
+    def __call__(self, batch: Mapping[str, np.ndarray], features: bool = False):
+        feed = {n: np.ascontiguousarray(batch[n], np.float32) for n in self.input_names}
+        out = self.request.infer(feed).to_tuple()  # copies: the next request cannot change them
+        if features and len(out) < 2:
+            raise ValueError("this classifier has no slice features (its last layer takes "
+                             "several inputs)")  # fmt: skip
+        return (out[0] if len(out) == 2 else None), np.asarray(out[-1], np.float32)
+
+
 def probe_batch(model, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     """A batch of random inputs for a stage 1 model (uint8-range images, metadata in [0, 2))."""
     rng = np.random.default_rng(seed)
@@ -320,27 +397,48 @@ def onnx_runner(model, model_file: str | os.PathLike | None = None, *, int8: boo
         return OnnxRunner(path, threads=threads, expect_sha256=sha)
 
 
+def openvino_runner(model, model_file: str | os.PathLike | None = None, *,
+                    threads: int | None = None, cache: str | os.PathLike | None = None,
+                    **options) -> OpenVinoRunner:  # fmt: skip
+    """The OpenVINO runner of a model, from its ONNX export in the cache (made when needed);
+    OpenVINO keeps its compiled models in the ``openvino`` folder of the cache. ``options`` go
+    to :class:`OpenVinoRunner`."""
+    _require_openvino()
+    path, sha = onnx_export_path(model, model_file, cache)
+    compiled = path.parent / "openvino"
+    if not path.is_file():
+        export_onnx(model, path, sha)
+    try:
+        return OpenVinoRunner(path, threads, sha, compiled, **options)
+    except CSpineDataError:  # a damaged or foreign cache entry: made again
+        path.unlink(missing_ok=True)
+        export_onnx(model, path, sha)
+        return OpenVinoRunner(path, threads, sha, compiled, **options)
+
+
 def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | None = None, *,
                 threads: int | None = None, cache: str | os.PathLike | None = None,
                 check: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The runner of ``engine`` for a stage 1 model, and a note (engine used, checked difference).
 
-    ``auto`` is ``keras`` (the fastest at the paper's size, see the module). A float engine
-    (``xla``, ``onnx``) is checked against Keras on a probe batch; beyond ``FLOAT_TOLERANCE``
-    it is refused (``ValueError``) when asked for by name, and ``auto`` falls back to Keras
-    with a warning.
+    ``auto`` is :data:`AUTO_ENGINE` when its packages are installed, else ``keras`` (see the
+    module). A float engine (``xla``, ``onnx``, ``openvino``) is checked against Keras on a probe
+    batch; beyond ``FLOAT_TOLERANCE`` it is refused (``ValueError``) when asked for by name, and
+    ``auto`` falls back to Keras with a warning; so does ``auto`` when its engine fails to start.
     """
     if engine not in ENGINES:
         raise ValueError(f"stage 1 engine must be one of {ENGINES}, got {engine!r}")
     keras_runner = KerasRunner(model)
     asked = engine
     if engine == "auto":
-        engine = AUTO_ENGINE if AUTO_ENGINE != "onnx" or onnx_available() else "keras"
+        engine = AUTO_ENGINE if engine_available(AUTO_ENGINE) else "keras"
     if engine == "keras":
         return keras_runner, {"engine": "keras", "asked": asked}
     try:
         if engine == "xla":
             runner = XlaRunner(model)
+        elif engine == "openvino":
+            runner = openvino_runner(model, model_file, threads=threads, cache=cache)
         else:
             runner = onnx_runner(model, model_file, int8=engine == "onnx_int8", threads=threads,
                                  cache=cache)  # fmt: skip
@@ -352,7 +450,7 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
             if engine in FLOAT_ENGINES and not diff < FLOAT_TOLERANCE:
                 raise ValueError(f"the {engine} engine differs from Keras by {diff:.2e} on a "
                                  f"probe batch (allowed {FLOAT_TOLERANCE:g})")  # fmt: skip
-    except (ValueError, ImportError, OSError, CSpineDataError) as err:
+    except (ValueError, ImportError, OSError, RuntimeError, CSpineDataError) as err:
         if asked != "auto":
             raise
         warnings.warn(f"stage 1 engine {engine} unavailable ({err}); using keras",
