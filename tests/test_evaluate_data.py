@@ -119,6 +119,12 @@ def test_evaluate_refuses_data_of_another_mode(trained, prepared, tmp_path):
     (other / "prepare.json").write_text(json.dumps(settings))
     with pytest.raises(CSpineDataError, match="prepared with mode 'paper', but .* trained on 'bone'"):
         evaluate_run(run, data=other)
+    # the same mode, but the slices cropped to the spine window: not what the run saw
+    settings["settings"].update(mode="bone", roi_mm=100.0)
+    (other / "prepare.json").write_text(json.dumps(settings))
+    with pytest.raises(CSpineDataError, match="prepared as 100 mm spine windows, but .* trained "
+                                              "on whole slices: prepare the data with no --roi-mm"):
+        evaluate_run(run, data=other)
 
 
 def test_the_data_line_is_the_same_for_all_scoring_commands(tmp_path):

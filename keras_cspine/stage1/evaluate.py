@@ -234,15 +234,27 @@ def check_overlap(splits: Mapping[str, Sequence[str]], uids: Sequence[str], data
 
 
 def _check_mode(run_dir: Path, data: Path) -> None:
-    """Refuse data prepared with another preprocessing mode than the run was trained on."""
+    """Refuse data prepared with another preprocessing mode or spine window than the run was
+    trained on."""
     from keras_cspine.data.prepare import read_settings
 
     record = runs.read_preprocessing(run_dir)
-    mode = (read_settings(data).get("settings") or {}).get("mode")
+    settings = read_settings(data).get("settings") or {}
+    mode = settings.get("mode")
     if record is not None and mode is not None and record["mode"] != mode:
         raise CSpineDataError(data, f"prepared with mode {mode!r}, but {run_dir} was trained on "
                               f"{record['mode']!r} images: prepare the data with --mode "
                               f"{record['mode']}")  # fmt: skip
+    if record is None:
+        return
+    trained, given = record.get("roi_mm"), settings.get("roi_mm")
+    if trained != given:
+        def window(mm):
+            return f"{mm:g} mm spine windows" if mm else "whole slices"
+
+        option = f"--roi-mm {trained:g}" if trained else "no --roi-mm"
+        raise CSpineDataError(data, f"prepared as {window(given)}, but {run_dir} was trained on "
+                              f"{window(trained)}: prepare the data with {option}")  # fmt: skip
 
 
 def evaluate_run(
