@@ -227,7 +227,9 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         warm = PredictConfig(box_conf=args.box_conf, gating=False)
-        stage1.predict(*_first_slices(folder, warm.batch_size), batch_size=warm.batch_size)
+        hu, positions, z, numbers, spacing = _first_slices(folder, warm.batch_size)
+        stage1.predict(hu, positions, z, batch_size=warm.batch_size,
+                       roi=stage1.study_roi(hu, numbers, spacing))  # fmt: skip
         for mode, settings in MODES.items():
             config = PredictConfig(box_conf=args.box_conf, report_workers=args.report_workers,
                                    **settings)  # fmt: skip
@@ -259,7 +261,8 @@ def main(argv=None) -> int:
 
 
 def _first_slices(folder: Path, n: int):
-    """HU, positions and z of the first ``n`` slices (to warm the stage 1 graph up)."""
+    """HU, positions, z, slice numbers and pixel spacing of the first ``n`` slices (to warm the
+    stage 1 graph up)."""
     import numpy as np
 
     from keras_cspine.io.dicom import read_series_meta, read_slice
@@ -268,7 +271,7 @@ def _first_slices(folder: Path, n: int):
     hu = np.stack([read_slice(s.path)[0] for s in meta.slices[:n]])
     positions = np.asarray(meta.positions_mm[:n])
     z = np.array([s.image_position[2] for s in meta.slices[:n]])
-    return hu, positions, z
+    return hu, positions, z, meta.slice_numbers[:n], meta.slices[0].pixel_spacing
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ after cycle: load on a shared machine then slows them alike and the ratios stay 
 - ``xla``: ``tf.function(jit_compile=True)``;
 - ``onnx``: tf2onnx export run by onnxruntime (float32);
 - ``onnx_int8``: the same with int8 weights (``quantize_dynamic``);
+- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU (float32);
 - ``keras_bf16``: TensorFlow's oneDNN bfloat16 auto mixed precision (a grappler option that
-  acts on the whole process; measured here, not offered by ``predict``).
+  acts on the whole process; measured here, not offered by ``predict``);
+- ``openvino_bf16``: OpenVINO with bfloat16 inference precision (measured here, not offered by
+  ``predict``).
 
 Printed: images/s, CPU seconds per image, the ratio to ``keras`` and the largest absolute
 probability difference to ``keras`` on the same batch.
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("keras", "xla", "onnx", "onnx_int8", "keras_bf16")
+ENGINES = ("keras", "xla", "onnx", "onnx_int8", "openvino", "keras_bf16", "openvino_bf16")
 
 
 def worker(args) -> int:
@@ -54,9 +57,14 @@ def worker(args) -> int:
 
     keras.utils.set_random_seed(0)
     model = build_model(args.model, image_size=args.size, freeze="none")
-    engine = "keras" if args.worker == "keras_bf16" else args.worker
     started = time.perf_counter()
-    runner, _ = make_runner(model, engine, threads=args.threads, cache=args.cache, check=False)
+    if args.worker == "openvino_bf16":
+        from keras_cspine.stage1.fast_inference import openvino_runner
+
+        runner = openvino_runner(model, threads=args.threads, cache=args.cache, precision="bf16")
+    else:
+        engine = "keras" if args.worker == "keras_bf16" else args.worker
+        runner, _ = make_runner(model, engine, threads=args.threads, cache=args.cache, check=False)
     rng = np.random.default_rng(1)
     batch = {"image": rng.integers(0, 256, (args.batch, args.size, args.size, 3)).astype("float32"),
              "metadata": rng.uniform(0, 2, (args.batch, 2)).astype("float32")}  # fmt: skip
@@ -147,9 +155,9 @@ def main(argv=None) -> int:
     base = results["keras"]["images_per_s"]
     print(f"\n{args.model} classifier, {args.size} px, batch {args.batch}, {args.threads} threads, "
           f"{os.cpu_count()} cores, median of {args.iters} interleaved cycles (random weights)")
-    print(f"{'engine':<11} {'images/s':>9} {'CPU s/img':>10} {'vs keras':>9} {'max |dp|':>9}")
+    print(f"{'engine':<13} {'images/s':>9} {'CPU s/img':>10} {'vs keras':>9} {'max |dp|':>9}")
     for engine, r in results.items():
-        print(f"{engine:<11} {r['images_per_s']:9.2f} {r['cpu_s_per_image']:10.3f} "
+        print(f"{engine:<13} {r['images_per_s']:9.2f} {r['cpu_s_per_image']:10.3f} "
               f"{r['images_per_s'] / base:8.2f}x {r['max_abs_diff']:9.1e}")
     if args.json:
         sys.path.insert(0, str(REPO))

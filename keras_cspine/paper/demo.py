@@ -502,9 +502,12 @@ def summary_text(summary: dict[str, Any]) -> str:
                          f", patient AUC {_fmt(ev['patient_auc'])}, mean vertebra AUC "
                          f"{_fmt(ev['mean_vertebra_auc'])} ({ev['n_studies']} studies)")  # fmt: skip
     if "synth" in results:
+        crop = (f" of a {settings['roi_mm']:g} mm spine window" if settings.get("roi_mm")
+                else "")  # fmt: skip
         lines.append("vs paper   : synthetic anatomy, not CT of patients; "
-                     f"{settings.get('image_size')} px and a narrow GCViT from scratch against "
-                     "224 px GCViT-tiny from ImageNet; a few hundred studies against 2,019")  # fmt: skip
+                     f"{settings.get('image_size')} px{crop} and a narrow GCViT from scratch "
+                     "against whole 224 px slices and GCViT-tiny from ImageNet; "
+                     f"{settings.get('studies')} studies against 2,019")  # fmt: skip
     if pred:
         files = pred.get("files", {})
         lines.append(f"report     : {files.get('index')}")

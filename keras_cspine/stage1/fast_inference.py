@@ -44,11 +44,15 @@ import numpy as np
 from keras_cspine.errors import CSpineDataError, MissingDependencyError
 from keras_cspine.utils import atomic_path
 
-ENGINES = ("auto", "keras", "xla", "onnx", "onnx_int8", "openvino")
+ENGINES = ("auto", "keras", "xla", "onnx", "onnx_int8", "openvino", "openvino_bf16")
 #: Engines that compute in float32: they must agree with Keras within FLOAT_TOLERANCE.
 FLOAT_ENGINES = ("keras", "xla", "onnx", "openvino")
+#: Engines of reduced precision (their results differ from Keras' beyond FLOAT_TOLERANCE).
+REDUCED_PRECISION_ENGINES = ("onnx_int8", "openvino_bf16")
 #: Largest absolute difference of a probability allowed between a float engine and Keras.
 FLOAT_TOLERANCE = 1e-4
+#: Largest absolute difference of a probability allowed between ``openvino_bf16`` and Keras.
+BF16_TOLERANCE = 1e-2
 #: What ``auto`` means (see the module docstring for the measurements behind it).
 AUTO_ENGINE = "keras"
 CACHE_ENV = "KERAS_CSPINE_CACHE"
@@ -114,7 +118,7 @@ def engine_available(engine: str) -> bool:
     """Whether the optional packages ``engine`` needs are installed (the import is not tried)."""
     if engine in ("onnx", "onnx_int8"):
         return onnx_available()
-    if engine == "openvino":
+    if engine in ("openvino", "openvino_bf16"):
         return openvino_available()
     return True
 
@@ -303,20 +307,25 @@ class OpenVinoRunner:
 
     Args:
         path: the ``.onnx`` file (made by :func:`export_onnx`).
-        threads: inference threads (``INFERENCE_NUM_THREADS``); None lets OpenVINO choose.
+        threads: inference threads in all (``INFERENCE_NUM_THREADS``); None lets OpenVINO choose.
         expect_sha256: the SHA-256 the export must have been made from.
         compiled_cache: a folder for OpenVINO's compiled models (``CACHE_DIR``), or None.
-        precision: ``INFERENCE_PRECISION_HINT``; ``f32`` (the default) agrees with Keras,
-            ``bf16`` is reduced precision (measured by the benchmark, not offered by ``predict``).
-        hint: ``PERFORMANCE_HINT``, ``LATENCY`` (one stream; a batch is one request) or
-            ``THROUGHPUT``.
+        streams: how many parts a batch is split into, run at once, each on its own share of
+            the threads (``THROUGHPUT`` hint, ``NUM_STREAMS``); None lets OpenVINO choose (as
+            many as cores, at most, on a small machine); 1 runs a batch as one request on all
+            threads (``LATENCY`` hint).
+        precision: ``INFERENCE_PRECISION_HINT``: ``f32`` (the default; OpenVINO's own default
+            is ``bf16`` on CPUs with bfloat16 units) agrees with Keras; ``bf16`` is reduced
+            precision (the ``openvino_bf16`` engine).
     """
-
-    name = "openvino"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
                  expect_sha256: str | None = None, compiled_cache: str | os.PathLike | None = None,
-                 precision: str = "f32", hint: str = "LATENCY"):  # fmt: skip
+                 streams: int | None = None, precision: str = "f32"):  # fmt: skip
+        if streams is not None and int(streams) < 1:
+            raise ValueError(f"streams must be at least 1, got {streams!r}")
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"precision must be 'f32' or 'bf16', got {precision!r}")
         _require_openvino()
         import openvino as ov
 
@@ -330,24 +339,41 @@ class OpenVinoRunner:
         if expect_sha256 is not None and meta.get("source_sha256") != expect_sha256:
             raise CSpineDataError(self.path, "made from another model than the one given "
                                              "(SHA-256 differs)")  # fmt: skip
-        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        config = {"INFERENCE_PRECISION_HINT": precision}
+        if streams == 1:
+            config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            config["PERFORMANCE_HINT"] = "THROUGHPUT"
+            if streams is not None:
+                config["NUM_STREAMS"] = int(streams)
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if compiled_cache is not None:
             config["CACHE_DIR"] = str(compiled_cache)
         self.meta = meta
+        self.name = "openvino_bf16" if precision == "bf16" else "openvino"
         self.compiled = core.compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
         self.input_names = [i.get_any_name() for i in model.inputs]
         self.outputs = list(meta["outputs"])
 
     def __call__(self, batch: Mapping[str, np.ndarray], features: bool = False):
         feed = {n: np.ascontiguousarray(batch[n], np.float32) for n in self.input_names}
-        out = self.request.infer(feed).to_tuple()  # copies: the next request cannot change them
+        size = len(feed[self.input_names[0]])
+        parts = min(len(self.requests), size) or 1
+        edges = np.linspace(0, size, parts + 1).round().astype(int)
+        running = self.requests[:parts]
+        for request, start, stop in zip(running, edges[:-1], edges[1:]):
+            request.start_async({n: a[start:stop] for n, a in feed.items()}, share_inputs=True)
+        for request in running:
+            request.wait()
+        out = [np.concatenate([r.get_output_tensor(i).data for r in running]).astype(np.float32)
+               for i in range(len(self.compiled.outputs))]  # fmt: skip
         if features and len(out) < 2:
             raise ValueError("this classifier has no slice features (its last layer takes "
                              "several inputs)")  # fmt: skip
-        return (out[0] if len(out) == 2 else None), np.asarray(out[-1], np.float32)
+        return (out[0] if len(out) == 2 else None), out[-1]
 
 
 def probe_batch(model, n: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
@@ -423,8 +449,9 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
 
     ``auto`` is :data:`AUTO_ENGINE` when its packages are installed, else ``keras`` (see the
     module). A float engine (``xla``, ``onnx``, ``openvino``) is checked against Keras on a probe
-    batch; beyond ``FLOAT_TOLERANCE`` it is refused (``ValueError``) when asked for by name, and
-    ``auto`` falls back to Keras with a warning; so does ``auto`` when its engine fails to start.
+    batch; beyond ``FLOAT_TOLERANCE`` (``BF16_TOLERANCE`` for ``openvino_bf16``) it is refused
+    (``ValueError``) when asked for by name, and ``auto`` falls back to Keras with a warning; so
+    does ``auto`` when its engine fails to start.
     """
     if engine not in ENGINES:
         raise ValueError(f"stage 1 engine must be one of {ENGINES}, got {engine!r}")
@@ -437,8 +464,9 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
     try:
         if engine == "xla":
             runner = XlaRunner(model)
-        elif engine == "openvino":
-            runner = openvino_runner(model, model_file, threads=threads, cache=cache)
+        elif engine in ("openvino", "openvino_bf16"):
+            runner = openvino_runner(model, model_file, threads=threads, cache=cache,
+                                     precision="bf16" if engine == "openvino_bf16" else "f32")  # fmt: skip
         else:
             runner = onnx_runner(model, model_file, int8=engine == "onnx_int8", threads=threads,
                                  cache=cache)  # fmt: skip
@@ -447,9 +475,11 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
             batch = probe_batch(model)
             diff = max_difference(runner, keras_runner, batch)
             note["probe_max_abs_diff"] = diff
-            if engine in FLOAT_ENGINES and not diff < FLOAT_TOLERANCE:
+            allowed = (FLOAT_TOLERANCE if engine in FLOAT_ENGINES
+                       else BF16_TOLERANCE if engine == "openvino_bf16" else None)  # fmt: skip
+            if allowed is not None and not diff < allowed:
                 raise ValueError(f"the {engine} engine differs from Keras by {diff:.2e} on a "
-                                 f"probe batch (allowed {FLOAT_TOLERANCE:g})")  # fmt: skip
+                                 f"probe batch (allowed {allowed:g})")  # fmt: skip
     except (ValueError, ImportError, OSError, RuntimeError, CSpineDataError) as err:
         if asked != "auto":
             raise
