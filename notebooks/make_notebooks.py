@@ -82,8 +82,8 @@ if USE_KAGGLE:
 else:
     DATA = WORK / "synthetic"
     if not (DATA / "synthetic_manifest.json").is_file():
-        generate_dataset(DATA, n_studies=6 if SMALL else 16, seed=0,
-                         preset="tiny" if SMALL else "small", workers=1 if SMALL else 2,
+        generate_dataset(DATA, n_studies=6 if SMALL else 60, seed=0,
+                         preset="tiny" if SMALL else "demo", workers=1 if SMALL else 2,
                          progress=False)
 print("data:", DATA)'''
 
@@ -250,7 +250,7 @@ overrides = [f"data.image_size={SIZE}"]
 if SMALL:
     overrides += ["train.epochs=1", "train.batch_size=16", "train.steps_per_epoch=4"]
 elif not USE_KAGGLE:
-    overrides += ["train.epochs=6"]
+    overrides += ["train.epochs=5"]
 config = load_stage1_config(CONFIG, overrides)
 if USE_KAGGLE:  # the paper's GCViT starts from timm's ImageNet weights (NVIDIA, CC-BY-NC-SA-4.0)
     from keras_cspine.stage1.models.pretrained import fetch, find
@@ -418,7 +418,7 @@ if not (STAGE1 / "model.keras").is_file():
     prepare_dataset(DATA, WORK / f"prepared{size}", size=size, mode="multiwindow", roi_mm=100.0,
                     studies=labelled, workers=1, progress=False)  # as notebook 01 prepares it
     config = load_stage1_config("stage1_synthetic_small", [f"data.image_size={size}",
-                                *(["train.epochs=1", "train.steps_per_epoch=4"] if SMALL else ["train.epochs=6"])])
+                                *(["train.epochs=1", "train.steps_per_epoch=4"] if SMALL else ["train.epochs=5"])])
     train_stage1(config, WORK / f"prepared{size}", STAGE1, overwrite=True, verbose=2)
 print("stage 1:", find_latest_stage1(WORK), "| stage 2:", find_latest_stage2(WORK))'''),
     md("## One study, step by step"),
