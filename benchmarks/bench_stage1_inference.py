@@ -10,11 +10,11 @@ after cycle: load on a shared machine then slows them alike and the ratios stay 
 - ``xla``: ``tf.function(jit_compile=True)``;
 - ``onnx``: tf2onnx export run by onnxruntime (float32);
 - ``onnx_int8``: the same with int8 weights (``quantize_dynamic``);
-- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU (float32);
+- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU (float32, a batch split
+  across OpenVINO's streams);
+- ``openvino_bf16``: the same with bfloat16 inference precision (reduced precision);
 - ``keras_bf16``: TensorFlow's oneDNN bfloat16 auto mixed precision (a grappler option that
-  acts on the whole process; measured here, not offered by ``predict``);
-- ``openvino_bf16``: OpenVINO with bfloat16 inference precision (measured here, not offered by
-  ``predict``).
+  acts on the whole process; measured here, not offered by ``predict``).
 
 Printed: images/s, CPU seconds per image, the ratio to ``keras`` and the largest absolute
 probability difference to ``keras`` on the same batch.
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINES = ("keras", "xla", "onnx", "onnx_int8", "openvino", "keras_bf16", "openvino_bf16")
+ENGINES = ("keras", "xla", "onnx", "onnx_int8", "openvino", "openvino_bf16", "keras_bf16")
 
 
 def worker(args) -> int:
@@ -58,13 +58,8 @@ def worker(args) -> int:
     keras.utils.set_random_seed(0)
     model = build_model(args.model, image_size=args.size, freeze="none")
     started = time.perf_counter()
-    if args.worker == "openvino_bf16":
-        from keras_cspine.stage1.fast_inference import openvino_runner
-
-        runner = openvino_runner(model, threads=args.threads, cache=args.cache, precision="bf16")
-    else:
-        engine = "keras" if args.worker == "keras_bf16" else args.worker
-        runner, _ = make_runner(model, engine, threads=args.threads, cache=args.cache, check=False)
+    engine = "keras" if args.worker == "keras_bf16" else args.worker
+    runner, _ = make_runner(model, engine, threads=args.threads, cache=args.cache, check=False)
     rng = np.random.default_rng(1)
     batch = {"image": rng.integers(0, 256, (args.batch, args.size, args.size, 3)).astype("float32"),
              "metadata": rng.uniform(0, 2, (args.batch, 2)).astype("float32")}  # fmt: skip

@@ -1,6 +1,6 @@
 """stage1/fast_inference.py: every fast engine of the stage 1 classifier against plain Keras, and
 the ONNX cache (keyed by the model's SHA-256, written atomically, a stale or foreign file never
-used)."""
+used, by onnxruntime or by OpenVINO)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from keras_cspine.stage1 import fast_inference as fi  # noqa: E402
 from keras_cspine.stage1.inference import Stage1Model  # noqa: E402
 
 needs_onnx = pytest.mark.skipif(not fi.onnx_available(), reason="tf2onnx / onnxruntime missing")
+needs_openvino = pytest.mark.skipif(not fi.openvino_available(),
+                                    reason="openvino / tf2onnx missing")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,10 @@ def reference(saved, study):
 
 ENGINE_CASES = [pytest.param("xla", fi.FLOAT_TOLERANCE, id="xla"),
                 pytest.param("onnx", fi.FLOAT_TOLERANCE, marks=needs_onnx, id="onnx"),
-                pytest.param("onnx_int8", 0.05, marks=needs_onnx, id="onnx_int8")]  # fmt: skip
+                pytest.param("onnx_int8", 0.05, marks=needs_onnx, id="onnx_int8"),
+                pytest.param("openvino", fi.FLOAT_TOLERANCE, marks=needs_openvino, id="openvino"),
+                pytest.param("openvino_bf16", fi.BF16_TOLERANCE, marks=needs_openvino,
+                             id="openvino_bf16")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("engine", "tolerance"), ENGINE_CASES)
@@ -64,11 +69,12 @@ def test_engine_agrees_with_keras(saved, study, cache, reference, engine, tolera
     assert note["engine"] == engine and note["probe_max_abs_diff"] < tolerance
     probabilities, features = model.predict(*study, batch_size=4, return_features=True)
     assert np.abs(probabilities - reference[0]).max() < tolerance
-    if engine != "onnx_int8":  # the features of the float engines agree too
+    if engine in fi.FLOAT_ENGINES:  # the features of the float engines agree too
         assert np.abs(features - reference[1]).max() < 1e-3
     # a batch size that does not divide the study, and no features
     assert np.abs(model.predict(*study, batch_size=3) - reference[0]).max() < tolerance
-    assert ("engine" in model.describe()) == (engine == "onnx_int8")  # int8 changes results
+    # reduced precision changes the results: said in the model's description
+    assert ("engine" in model.describe()) == (engine in fi.REDUCED_PRECISION_ENGINES)
 
 
 @needs_onnx
@@ -102,8 +108,58 @@ def test_onnx_cache_is_keyed_by_the_model_file_and_atomic(saved, cache, tmp_path
     assert meta["outputs"] == ["features", "probabilities"]
 
 
+@needs_openvino
+@pytest.mark.parametrize("streams", [1, 2])
+def test_openvino_splits_a_batch_across_streams_and_keeps_its_cache(saved, cache, tmp_path,
+                                                                    streams):  # fmt: skip
+    import keras
+
+    model = keras.saving.load_model(saved)
+    runner = fi.openvino_runner(model, saved, threads=2, cache=cache, streams=streams)
+    assert runner.streams == streams and runner.name == "openvino"
+    assert (cache / "openvino").is_dir()  # OpenVINO's compiled models, beside the export
+    keras_runner = fi.KerasRunner(model)
+    for n in (1, 2, 5):  # fewer images than streams, and a remainder
+        batch = fi.probe_batch(model, n, seed=n)
+        features, probabilities = runner(batch, features=True)
+        want_features, want = keras_runner(batch, features=True)
+        assert probabilities.shape == want.shape and features.shape == want_features.shape
+        assert np.abs(probabilities - want).max() < fi.FLOAT_TOLERANCE
+        assert np.abs(features - want_features).max() < 1e-3
+    # an OpenVINO that keeps no ONNX metadata: read by onnx
+    no_metadata = type("NoMetadata", (), {"has_rt_info": lambda self, key: False})()
+    assert json.loads(fi._openvino_metadata(no_metadata, runner.path)) == runner.meta
+    # an export made from another model is refused, then made again
+    from keras_cspine.stage1.models.factory import build_model
+
+    keras.utils.set_random_seed(1)
+    foreign = tmp_path / "foreign"
+    target, sha = fi.onnx_export_path(model, saved, foreign)
+    fi.export_onnx(build_model("gcvit_xxtiny", image_size=32, freeze="none"), target, "0" * 64)
+    with pytest.raises(fi.CSpineDataError, match="another model"):
+        fi.OpenVinoRunner(target, expect_sha256=sha)
+    assert fi.openvino_runner(model, saved, cache=foreign).meta["source_sha256"] == sha
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("streams", 0, "streams"), ("precision", "f16", "precision")])  # fmt: skip
+def test_openvino_runner_refuses_bad_settings(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        fi.OpenVinoRunner("unused.onnx", **{field: value})
+
+
+def test_auto_falls_back_to_keras_without_openvino(saved, monkeypatch):
+    importable = fi._importable
+    monkeypatch.setattr(fi, "_importable", lambda *m: "openvino" not in m and importable(*m))
+    assert not fi.cpu_has_bf16() and fi.auto_engine() == "keras"
+    model = Stage1Model.load(saved)
+    assert model.use_engine("auto")["engine"] == "keras"
+    with pytest.raises(fi.MissingDependencyError, match="openvino"):
+        model.use_engine("openvino")
+
+
 def test_auto_falls_back_to_keras_without_onnx(saved, monkeypatch):
-    monkeypatch.setattr(fi, "AUTO_ENGINE", "onnx")
+    monkeypatch.setattr(fi, "auto_engine", lambda: "onnx")
     monkeypatch.setattr(fi, "onnx_available", lambda: False)
     model = Stage1Model.load(saved)
     assert model.use_engine("auto")["engine"] == "keras"
@@ -112,7 +168,7 @@ def test_auto_falls_back_to_keras_without_onnx(saved, monkeypatch):
 
 
 def test_auto_falls_back_when_a_float_engine_disagrees(saved, monkeypatch, cache):
-    monkeypatch.setattr(fi, "AUTO_ENGINE", "onnx")
+    monkeypatch.setattr(fi, "auto_engine", lambda: "onnx")
     monkeypatch.setattr(fi, "onnx_available", lambda: True)
     monkeypatch.setattr(fi, "max_difference", lambda *a: 0.5)
     monkeypatch.setattr(fi, "onnx_runner", lambda *a, **k: fi.KerasRunner(None))
@@ -131,8 +187,23 @@ def test_config_refuses_bad_values(field, value, match):
         PredictConfig(**{field: value})
 
 
-def test_auto_is_plain_keras(saved):
-    assert Stage1Model.load(saved).use_engine("auto")["engine"] == fi.AUTO_ENGINE == "keras"
+def test_auto_is_bfloat16_openvino_only_where_the_cpu_computes_bfloat16(saved, monkeypatch, cache):
+    """``auto`` is the fastest measured engine, ``openvino_bf16``, where it pays (native bfloat16:
+    elsewhere it is emulated), and plain Keras elsewhere; ``keras`` by name is always Keras."""
+    monkeypatch.setattr(fi, "cpu_has_bf16", lambda: False)
+    assert fi.auto_engine() == "keras"
+    assert Stage1Model.load(saved).use_engine("auto")["engine"] == "keras"
+    monkeypatch.setattr(fi, "cpu_has_bf16", lambda: True)
+    assert fi.auto_engine() == fi.AUTO_ENGINE == "openvino_bf16"
+    model = Stage1Model.load(saved)
+    note = model.use_engine("auto", cache=cache)
+    if not fi.openvino_available():
+        assert note["engine"] == "keras" and "fallback" in note
+        return
+    assert note["engine"] == "openvino_bf16" and note["asked"] == "auto"
+    assert note["probe_max_abs_diff"] < fi.BF16_TOLERANCE
+    assert model.describe()["engine"] == "openvino_bf16"  # reduced precision: in the digest
+    assert Stage1Model.load(saved).use_engine("keras")["engine"] == "keras"
 
 
 def test_engine_and_report_workers_do_not_change_the_digest():

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from keras_cspine.io.rsna import TARGETS, VERTEBRAE
-from keras_cspine.pipeline.predict import Box, StudyResult
 from keras_cspine.pipeline.index_page import write_index
+from keras_cspine.pipeline.predict import Box, StudyResult
 from keras_cspine.pipeline.report import (
     figure_key_slices,
     figure_overview,

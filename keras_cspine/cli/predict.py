@@ -49,9 +49,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "--no-sequence-model: the per-slice probabilities (the paper)")  # fmt: skip
     parser.add_argument("--report", choices=["html", "markdown", "none"],
                         help="per-study report format (default html)")  # fmt: skip
-    parser.add_argument("--stage1-engine", choices=["auto", "keras", "xla", "onnx", "onnx_int8"],
-                        help="how stage 1 runs (default auto = keras; xla, onnx: float32 within "
-                        "1e-4 of keras; onnx_int8: int8 weights)")  # fmt: skip
+    parser.add_argument("--stage1-engine", choices=["auto", "keras", "xla", "onnx", "onnx_int8",
+                                                    "openvino", "openvino_bf16"],
+                        help="how stage 1 runs (default auto: openvino_bf16 where the CPU has "
+                        "bfloat16 units, else keras; xla, onnx, openvino: float32 within 1e-4 of "
+                        "keras; onnx_int8: int8 weights; openvino_bf16: bfloat16)")  # fmt: skip
     parser.add_argument("--labels", help="a train.csv to evaluate the predictions against")
     parser.add_argument("--limit", type=positive_int, help="at most this many studies (>= 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

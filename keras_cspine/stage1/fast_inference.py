@@ -8,21 +8,34 @@ Engines (``Stage1Model.use_engine``, ``predict --stage1-engine``):
 - ``onnx``: the model converted by tf2onnx and run by onnxruntime (float32);
 - ``onnx_int8``: the ONNX model with dynamically quantised int8 weights
   (``onnxruntime.quantization.quantize_dynamic``): reduced precision, opt-in only;
-- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU (float32 inference
-  precision, so also on CPUs with bfloat16 units; ``LATENCY`` hint: one stream on all threads);
-- ``auto``: ``keras``. Measured side by side on a 2-core Xeon (AMX/AVX-512;
-  ``benchmarks/bench_stage1_inference.py``), neither ``xla`` nor ``onnx`` beats Keras' oneDNN
-  kernels for the paper's GCViT-tiny at 224 px (both were slower), so plain Keras stays the
-  default; ``onnx`` pays for small models (GCViT-xxtiny at 64 px) and is offered by name.
+- ``openvino``: the same ONNX export compiled by OpenVINO for the CPU, float32 (OpenVINO's own
+  default is bfloat16 on CPUs that have it), a batch split across OpenVINO's streams (one per
+  core on a small machine), which pays more than one stream on all threads;
+- ``openvino_bf16``: the same in bfloat16: reduced precision (within ``BF16_TOLERANCE`` of
+  Keras on a probe batch);
+- ``auto`` (:func:`auto_engine`): ``openvino_bf16`` where OpenVINO is installed and the CPU
+  computes bfloat16 natively (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` lists ``BF16``: AVX-512
+  BF16 or AMX), else ``keras``.
+
+Measured side by side (``benchmarks/bench_stage1_inference.py``, 2-core AMD EPYC with AVX-512
+and its bfloat16 instructions, no AMX; random weights), for the paper's GCViT-tiny at 224 px,
+batch 16, against Keras' oneDNN kernels: ``xla`` 0.49x, ``onnx`` 0.93x, ``openvino`` 1.26x
+(float32, equal within 3e-7), ``openvino_bf16`` 2.43x (2.4e-3 apart); GCViT-xxtiny at 64 px,
+batch 32: ``onnx`` 1.04x, ``openvino`` 0.96x, ``openvino_bf16`` 1.89x. No float32 engine gains
+a factor 1.5. What bfloat16 costs in accuracy, on the 35 held-out studies (2,050 slices) of the
+demo's trained run (``benchmarks/bench_stage1_precision.py``): 2 of 14,350 slice-vertebra
+decisions differ from Keras' (largest probability difference 0.05), macro F1 0.8288 against
+0.8282; int8 weights change 11 decisions. ``--stage1-engine keras`` forces the plain path.
 
 The ONNX export has two outputs, the slice features (the input of the classifier's last layer,
 what the run's sequence model reads) and the 7 probabilities. It is cached in
 ``$KERAS_CSPINE_CACHE/stage1_onnx`` (default ``~/.cache/keras_cspine/stage1_onnx``), named by the
 SHA-256 of the ``.keras`` file it was made from, so that a changed model never meets a stale
 export; it is written under a temporary name and renamed, and the SHA-256 is also recorded in its
-metadata and checked when it is opened. A float export is used only after it agreed with Keras on
-a probe batch (``FLOAT_TOLERANCE`` on every probability); one that does not falls back to Keras
-with a warning. The ``.keras`` file itself is only ever opened by ``keras.saving.load_model`` in
+metadata and checked when it is opened (OpenVINO keeps its compiled models beside it, in
+``openvino/``). A float export is used only after it agreed with Keras on a probe batch
+(``FLOAT_TOLERANCE`` on every probability); one that does not falls back to Keras with a
+warning. The ``.keras`` file itself is only ever opened by ``keras.saving.load_model`` in
 safe mode (by the caller); TensorGraph-to-ONNX conversion runs no code from any file.
 
 TensorFlow's exact GELU lowers to ``Erfc``, which tf2onnx lacks: it is written as
@@ -52,9 +65,9 @@ REDUCED_PRECISION_ENGINES = ("onnx_int8", "openvino_bf16")
 #: Largest absolute difference of a probability allowed between a float engine and Keras.
 FLOAT_TOLERANCE = 1e-4
 #: Largest absolute difference of a probability allowed between ``openvino_bf16`` and Keras.
-BF16_TOLERANCE = 1e-2
-#: What ``auto`` means (see the module docstring for the measurements behind it).
-AUTO_ENGINE = "keras"
+BF16_TOLERANCE = 2e-2
+#: What ``auto`` becomes where the CPU computes bfloat16 natively and OpenVINO is installed.
+AUTO_ENGINE = "openvino_bf16"
 CACHE_ENV = "KERAS_CSPINE_CACHE"
 METADATA_KEY = "keras_cspine_stage1"
 EXPORT_FORMAT = 1
@@ -112,6 +125,25 @@ def _require_onnx() -> None:
 def _require_openvino() -> None:
     if not _importable("openvino"):
         raise MissingDependencyError("openvino", "onnx", "The OpenVINO stage 1 engine")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO finds native bfloat16 on this CPU (``BF16`` among its CPU plug-in's
+    ``OPTIMIZATION_CAPABILITIES``); False without OpenVINO."""
+    if not openvino_available():
+        return False
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - OpenVINO raises its own types; then: not known to have it
+        return False
+
+
+def auto_engine() -> str:
+    """The engine ``auto`` stands for here: :data:`AUTO_ENGINE` where OpenVINO is installed and
+    the CPU computes bfloat16 natively (elsewhere bfloat16 is emulated and slow), else ``keras``."""
+    return AUTO_ENGINE if cpu_has_bf16() else "keras"
 
 
 def engine_available(engine: str) -> bool:
@@ -302,6 +334,18 @@ class OnnxRunner:
         return (out[0] if len(out) == 2 else None), np.asarray(out[-1], np.float32)
 
 
+def _openvino_metadata(model, path: Path) -> str:
+    """The export's metadata entry: from OpenVINO's copy of the ONNX metadata, else (an OpenVINO
+    that keeps none) read by ``onnx``."""
+    key = ["framework", METADATA_KEY]
+    if model.has_rt_info(key):
+        return model.get_rt_info(key).astype(str)
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}[METADATA_KEY]
+
+
 class OpenVinoRunner:
     """An ONNX export of the classifier compiled by OpenVINO for the CPU.
 
@@ -333,7 +377,7 @@ class OpenVinoRunner:
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))
-            meta = json.loads(model.get_rt_info(["framework", METADATA_KEY]).astype(str))
+            meta = json.loads(_openvino_metadata(model, self.path))
         except Exception as err:  # noqa: BLE001 - OpenVINO raises its own types
             raise CSpineDataError(self.path, f"not a stage 1 ONNX export: {err}") from err
         if expect_sha256 is not None and meta.get("source_sha256") != expect_sha256:
@@ -447,8 +491,7 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
                 check: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The runner of ``engine`` for a stage 1 model, and a note (engine used, checked difference).
 
-    ``auto`` is :data:`AUTO_ENGINE` when its packages are installed, else ``keras`` (see the
-    module). A float engine (``xla``, ``onnx``, ``openvino``) is checked against Keras on a probe
+    ``auto`` is :func:`auto_engine` (see the module). A float engine (``xla``, ``onnx``, ``openvino``) is checked against Keras on a probe
     batch; beyond ``FLOAT_TOLERANCE`` (``BF16_TOLERANCE`` for ``openvino_bf16``) it is refused
     (``ValueError``) when asked for by name, and ``auto`` falls back to Keras with a warning; so
     does ``auto`` when its engine fails to start.
@@ -458,7 +501,8 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
     keras_runner = KerasRunner(model)
     asked = engine
     if engine == "auto":
-        engine = AUTO_ENGINE if engine_available(AUTO_ENGINE) else "keras"
+        engine = auto_engine()
+        engine = engine if engine_available(engine) else "keras"
     if engine == "keras":
         return keras_runner, {"engine": "keras", "asked": asked}
     try:
@@ -480,7 +524,8 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
             if allowed is not None and not diff < allowed:
                 raise ValueError(f"the {engine} engine differs from Keras by {diff:.2e} on a "
                                  f"probe batch (allowed {allowed:g})")  # fmt: skip
-    except (ValueError, ImportError, OSError, RuntimeError, CSpineDataError) as err:
+    except (ValueError, ImportError, OSError, RuntimeError, CSpineDataError,
+            MissingDependencyError) as err:  # fmt: skip
         if asked != "auto":
             raise
         warnings.warn(f"stage 1 engine {engine} unavailable ({err}); using keras",

@@ -270,7 +270,8 @@ class Stage1Model:
     def use_engine(self, engine: str = "auto", threads: int | None = None,
                    cache: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
         """Run the classifier with ``engine`` (``auto``, ``keras``, ``xla``, ``onnx``,
-        ``onnx_int8``; :func:`keras_cspine.stage1.fast_inference.make_runner`); returns the note
+        ``onnx_int8``, ``openvino``, ``openvino_bf16``;
+        :func:`keras_cspine.stage1.fast_inference.make_runner`); returns the note
         of what is used (also :attr:`engine`)."""
         from keras_cspine.stage1.fast_inference import make_runner
 
@@ -289,7 +290,8 @@ class Stage1Model:
             "level_decoder": self.level_decoder is not None,
             "sequence_model": self.sequence_model is not None,
             # reduced precision changes the results; the float engines agree with Keras
-            **({"engine": self.engine["engine"]} if self.engine["engine"] == "onnx_int8" else {}),
+            **({"engine": self.engine["engine"]}
+               if self.engine["engine"] in ("onnx_int8", "openvino_bf16") else {}),
         }  # fmt: skip
 
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
