@@ -210,3 +210,41 @@ def test_engine_and_report_workers_do_not_change_the_digest():
     base = PredictConfig().digest()
     assert PredictConfig(stage1_engine="keras", report_workers=0).digest() == base
     assert PredictConfig(gate_stride=1).digest() != base
+
+
+@pytest.mark.skipif(not fi.openvino_available(), reason="OpenVINO is not installed")
+def test_openvino_sends_no_telemetry(saved, tmp_path):
+    """OpenVINO's model converter starts ``openvino_telemetry`` on ``import openvino``, which posts
+    to Google Analytics unless told not to: the engine imports it with that module switched off.
+    Run in a fresh interpreter under the network guard of the command-line tests."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from helpers_offline import SITECUSTOMIZE
+
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    log = tmp_path / "net.log"
+    code = textwrap.dedent(f"""
+        import sys, time
+        import keras
+        import keras_cspine.stage1.models.factory  # registers the models, for loading
+        from keras_cspine.stage1 import fast_inference as fi
+        ov = fi.import_openvino()
+        assert sys.modules["openvino_telemetry"] is None
+        from openvino.tools.ovc import telemetry_utils
+        assert telemetry_utils.tm.__name__.endswith("telemetry_stub"), telemetry_utils.tm
+        runner = fi.openvino_runner(keras.saving.load_model({str(saved)!r}),
+                                    {str(saved)!r}, cache={str(tmp_path / "cache")!r})
+        time.sleep(1)  # the telemetry sender runs in a thread
+        print(runner.name)
+    """)
+    env = {**os.environ, "KERAS_CSPINE_NET_LOG": str(log), "CI": "",
+           "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "openvino"
+    assert not log.exists() or log.read_text() == ""

@@ -127,13 +127,31 @@ def _require_openvino() -> None:
         raise MissingDependencyError("openvino", "onnx", "The OpenVINO stage 1 engine")
 
 
+def import_openvino():
+    """``openvino``, imported with its usage telemetry off.
+
+    ``import openvino`` imports its model converter, which starts ``openvino_telemetry``; that
+    sends events to Google Analytics unless a consent file says no (or ``CI=true``). This
+    package opens no connection the user did not ask for: ``openvino_telemetry`` is made
+    unimportable for the process before OpenVINO first loads, and OpenVINO then uses its own
+    no-op stub (``openvino.tools.ovc.telemetry_stub``). Only the runtime is used here.
+    """
+    import sys
+
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: ``import`` raises ImportError
+    import openvino
+
+    return openvino
+
+
 def cpu_has_bf16() -> bool:
     """Whether OpenVINO finds native bfloat16 on this CPU (``BF16`` among its CPU plug-in's
     ``OPTIMIZATION_CAPABILITIES``); False without OpenVINO."""
     if not openvino_available():
         return False
     try:
-        import openvino as ov
+        ov = import_openvino()
 
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # noqa: BLE001 - OpenVINO raises its own types; then: not known to have it
@@ -371,7 +389,7 @@ class OpenVinoRunner:
         if precision not in ("f32", "bf16"):
             raise ValueError(f"precision must be 'f32' or 'bf16', got {precision!r}")
         _require_openvino()
-        import openvino as ov
+        ov = import_openvino()
 
         self.path = Path(path)
         core = ov.Core()
