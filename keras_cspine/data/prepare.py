@@ -128,9 +128,13 @@ def load_cache(prepared: str | os.PathLike, uid: str, mmap: bool = True) -> np.n
 
 def load_roi(prepared: str | os.PathLike, uid: str):
     """The spine window (:class:`keras_cspine.data.roi.SpineRoi`) a study's cached images show,
-    or None when they show the whole slice (prepared without ``roi_mm``)."""
+    or None when they show the whole slice (prepared without ``roi_mm``: ``prepare.json`` says
+    so, and the study's marker is not needed)."""
     from keras_cspine.data.roi import SpineRoi
 
+    settings = Path(prepared) / "prepare.json"
+    if settings.is_file() and (read_settings(prepared).get("settings") or {}).get("roi_mm") is None:
+        return None
     path = Path(prepared) / "studies" / f"{uid}.json"
     try:
         roi = json.loads(path.read_text(encoding="utf-8")).get("roi")
