@@ -178,6 +178,8 @@ def gate_analysis(n_studies: int, seed: int, preset: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from keras_cspine.pipeline.config import STAGE1_ENGINES
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--out", default="runs/bench_pipeline", help="study, models and results")
@@ -189,8 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--paper", action="store_true", help="random paper-sized models")
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode (median kept)")
     parser.add_argument("--box-conf", type=float, default=0.25)
-    parser.add_argument("--stage1-engine", default="keras",
-                        choices=["auto", "keras", "xla", "onnx", "onnx_int8"])  # fmt: skip
+    parser.add_argument("--stage1-engine", default="auto", choices=STAGE1_ENGINES,
+                        help="as predict's (default auto, predict's default)")  # fmt: skip
     parser.add_argument("--report-workers", type=int, default=1)
     parser.add_argument("--gate-analysis", type=int, metavar="N",
                         help="only: the gate on N labelled synthetic studies (seed 1000)")  # fmt: skip

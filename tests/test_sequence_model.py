@@ -152,3 +152,25 @@ def test_feature_model_gives_the_input_of_the_output_layer():
 def test_config_rejects_bad_values(changes, fragment):
     with pytest.raises(ValueError, match=fragment):
         SequenceConfig(**changes)
+
+
+def test_studies_padded_to_a_bucket_read_as_unpadded():
+    """``apply_sequence_model`` pads each study to a multiple of ``LENGTH_BUCKET`` slices (few
+    traced graphs for many study lengths): the mask keeps the result that of the study alone."""
+    import keras
+
+    from keras_cspine.stage1.sequence_model import (
+        LENGTH_BUCKET,
+        apply_sequence_model,
+        build_sequence_model,
+    )
+
+    keras.utils.set_random_seed(0)
+    model = build_sequence_model(6)
+    rng = np.random.default_rng(0)
+    n = LENGTH_BUCKET + 5  # padded to 2 buckets
+    features = rng.normal(size=(n, 6)).astype(np.float32)
+    got = apply_sequence_model(model, features, np.zeros(n), np.arange(n))
+    alone = np.asarray(model.predict({"features": features[None], "mask": np.ones((1, n), bool)},
+                                     verbose=0))[0]  # fmt: skip
+    np.testing.assert_allclose(got, alone, atol=1e-5)

@@ -189,6 +189,12 @@ def fit_sequence_model(train: StudyBatch, val: StudyBatch | None,
     return model, history
 
 
+#: Studies are padded (masked) to a multiple of this many slices before the sequence model
+#: reads them, so that studies of many lengths share a few traced graphs (TensorFlow warns
+#: when every new length retraces one); the mask keeps the padding out of the results.
+LENGTH_BUCKET = 64
+
+
 def apply_sequence_model(model, features, study_ids: Sequence, order: Sequence,
                          batch_size: int = 16) -> np.ndarray:  # fmt: skip
     """``(n_rows, 7)`` probabilities of the sequence model for rows in any order (each study
@@ -197,9 +203,13 @@ def apply_sequence_model(model, features, study_ids: Sequence, order: Sequence,
     out = np.zeros((len(np.asarray(features)), int(model.output.shape[-1])), np.float32)
     if not batch.rows:
         return out
+    length = batch.features.shape[1]
+    extra = -length % LENGTH_BUCKET
+    padded = np.pad(batch.features, ((0, 0), (0, extra), (0, 0)))
+    mask = np.pad(batch.mask, ((0, 0), (0, extra)))
     scores = np.asarray(
-        model.predict({"features": batch.features, "mask": batch.mask}, batch_size=batch_size,
-                      verbose=0), dtype=np.float32)  # fmt: skip
+        model.predict({"features": padded, "mask": mask}, batch_size=batch_size, verbose=0),
+        dtype=np.float32)  # fmt: skip
     for s, study_rows in enumerate(batch.rows):
         out[study_rows] = scores[s, : len(study_rows)]
     return out
