@@ -62,6 +62,7 @@ def ensure_study(folder: Path, slices: int, size: int, seed: int = 0) -> Path:
 
 def random_stage2(folder: Path, paper: bool) -> Path:
     """A random YOLO exported to ONNX in a subprocess (before TensorFlow is imported here)."""
+    folder = folder.absolute()  # the export runs in that folder: a relative path would not do
     folder.mkdir(parents=True, exist_ok=True)
     yolo, imgsz = ("yolov8s", 640) if paper else ("yolov8n", 256)
     onnx = folder / f"{yolo}_{imgsz}.onnx"
@@ -103,7 +104,7 @@ def time_study(folder: Path, stage1, stage2, config, pool, report_dir: Path) -> 
     return timings
 
 
-MODES = {"ungated": {"gating": False}, "gated": {"gating": True},
+MODES = {"ungated": {"gating": False}, "gated": {"gating": True, "gate_stride": 1},
          "gated_s2": {"gating": True, "gate_stride": 2}}  # fmt: skip
 
 
@@ -178,6 +179,9 @@ def gate_analysis(n_studies: int, seed: int, preset: str) -> dict:
 
 
 def main(argv=None) -> int:
+    import keras_cspine.quiet
+
+    keras_cspine.quiet.install()  # TensorFlow's start-up notices, as the command line drops them
     from keras_cspine.pipeline.config import STAGE1_ENGINES
 
     parser = argparse.ArgumentParser(description=__doc__,
