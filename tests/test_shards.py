@@ -199,6 +199,9 @@ def test_three_predict_shards_merge_into_one_run(models, study_input, synthetic_
     from keras_cspine.pipeline.shards import predict_shard
 
     labels = synthetic_data / "train.csv"
+    figure = Path(models[0]).parent / "figures" / "loss_curves.png"  # stage 1's "run" has one
+    figure.parent.mkdir(exist_ok=True)
+    figure.write_bytes(b"\x89PNG\r\n\x1a\n")
     single = tmp_path / "single"
     expected = predict(study_input, single, labels=labels, **_predict_options(models))
     out = tmp_path / "sharded"
@@ -209,6 +212,7 @@ def test_three_predict_shards_merge_into_one_run(models, study_input, synthetic_
     for name in ("submission.csv", "predictions.csv", "errors.csv", "index.html",
                  "evaluation.json", "evaluation.md", "predict_config.yaml"):  # fmt: skip
         assert (out / name).read_bytes() == (single / name).read_bytes(), name
+    assert "figures/loss_curves.png" in (out / "index.html").read_text()  # the training figures
     for key in ("n_studies", "n_ok", "n_failed", "n_slices", "n_gated", "errors", "warnings",
                 "evaluation", "config", "models"):  # fmt: skip
         assert merged[key] == expected[key], key

@@ -259,7 +259,9 @@ def _merge(out: Path, count: int) -> dict[str, Any]:
     if reports:
         from keras_cspine.pipeline.index_page import write_index
 
-        files["index"] = str(write_index(predictions, reports, out))
+        # the shards ran the same models (their settings agree): any part's record names them
+        files["index"] = str(write_index(predictions, reports, out,
+                                         models=summaries[0].get("models")))  # fmt: skip
 
     total = lambda k: sum(int(s.get(k) or 0) for s in summaries)  # noqa: E731
     n_slices, n_gated = total("n_slices"), total("n_gated")
