@@ -127,7 +127,11 @@ def test_inference_crops_the_window_it_was_trained_on(roi_prepared, synthetic_da
 
     result = predict_study(synthetic_data / "train_images" / uid, stage1, None)
     assert result.info["stage1_roi"] == roi.to_json()
-    whole = Stage1Model.load(run / runs.MODEL_FILE, mode="bone", render_size=32)
+    given = Stage1Model.load(run / runs.MODEL_FILE, mode="bone", render_size=32)
+    assert given.roi_mm == ROI_MM  # mode and size given: the window the run recorded stays
+    bare = tmp_path / "bare.keras"
+    bare.write_bytes((run / runs.MODEL_FILE).read_bytes())
+    whole = Stage1Model.load(bare, mode="bone", render_size=32)
     assert whole.roi_mm is None and whole.study_roi(hu, meta.slice_numbers, (1.0, 1.0)) is None
     with pytest.raises(ValueError, match="whole slices"):
         whole.images(hu, SpineRoi(0, 0, 10))

@@ -251,7 +251,10 @@ class Stage1Model:
                 render_size=render_size or settings.get("render_size"),
                 metadata_columns=settings.get("metadata_columns", ("position_mm", "slice_ratio")),
                 metadata_scale=settings.get("metadata_scale"), source=str(model_path),
-                roi_mm=settings.get("roi_mm"),
+                # the window is what the weights were trained on: kept when mode and size are
+                # given for a run that recorded it
+                roi_mm=settings.get("roi_mm") if settings else (
+                    runs.read_preprocessing(model_path.parent) or {}).get("roi_mm"),
                 level_decoder=LevelDecoder.load(decoder_path) if decoder_path.is_file() else None,
                 sequence_model=(load_sequence_model(sequence_path) if sequence_path.is_file()
                                 else None),
