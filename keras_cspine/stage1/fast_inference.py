@@ -33,9 +33,10 @@ what the run's sequence model reads) and the 7 probabilities. It is cached in
 SHA-256 of the ``.keras`` file it was made from, so that a changed model never meets a stale
 export; it is written under a temporary name and renamed, and the SHA-256 is also recorded in its
 metadata and checked when it is opened (OpenVINO keeps its compiled models beside it, in
-``openvino/``). A float export is used only after it agreed with Keras on a probe batch
-(``FLOAT_TOLERANCE`` on every probability); one that does not falls back to Keras with a
-warning. The ``.keras`` file itself is only ever opened by ``keras.saving.load_model`` in
+``openvino/``). An engine is used only after it agreed with Keras on a probe batch
+(``FLOAT_TOLERANCE`` on every probability for the float32 ones, ``BF16_TOLERANCE`` for
+``openvino_bf16``): one that does not is refused when asked for by name, and ``auto`` falls
+back to Keras with a warning. The ``.keras`` file itself is only ever opened by ``keras.saving.load_model`` in
 safe mode (by the caller); TensorGraph-to-ONNX conversion runs no code from any file.
 
 TensorFlow's exact GELU lowers to ``Erfc``, which tf2onnx lacks: it is written as
@@ -48,7 +49,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -464,25 +465,40 @@ def onnx_export_path(model, model_file: str | os.PathLike | None,
     return Path(cache or cache_dir()) / f"{sha[:32]}.onnx", sha
 
 
+def _open_cached(path: Path, make: Callable[[], Any], open_: Callable[[Path], Any]):
+    """``open_(path)`` of a cache entry, made by ``make()`` when it is missing, and made again
+    when it is damaged or foreign (``open_`` raises ``CSpineDataError``)."""
+    if not path.is_file():
+        make()
+    try:
+        return open_(path)
+    except CSpineDataError:
+        path.unlink(missing_ok=True)
+        make()
+        return open_(path)
+
+
 def onnx_runner(model, model_file: str | os.PathLike | None = None, *, int8: bool = False,
                 threads: int | None = None, cache: str | os.PathLike | None = None) -> OnnxRunner:  # fmt: skip
     """The ONNX runner of a model, exporting (and quantising) it into the cache when needed."""
     path, sha = onnx_export_path(model, model_file, cache)
-    if not path.is_file():
+
+    def export() -> None:
         export_onnx(model, path, sha)
-    if int8:
-        quantised = path.with_name(path.stem + ".int8.onnx")
-        if not quantised.is_file():
-            quantize_int8(path, quantised)
-        path = quantised
-    try:
-        return OnnxRunner(path, threads=threads, expect_sha256=sha)
-    except CSpineDataError:  # a damaged or foreign cache entry: made again
-        path.unlink(missing_ok=True)
-        if int8:
-            return onnx_runner(model, model_file, int8=True, threads=threads, cache=cache)
-        export_onnx(model, path, sha)
-        return OnnxRunner(path, threads=threads, expect_sha256=sha)
+
+    def open_(entry: Path) -> OnnxRunner:
+        return OnnxRunner(entry, threads=threads, expect_sha256=sha)
+
+    if not int8:
+        return _open_cached(path, export, open_)
+    quantised = path.with_name(path.stem + ".int8.onnx")
+
+    def quantise() -> None:
+        if not path.is_file():
+            export()
+        quantize_int8(path, quantised)
+
+    return _open_cached(quantised, quantise, open_)
 
 
 def openvino_runner(model, model_file: str | os.PathLike | None = None, *,
@@ -493,15 +509,9 @@ def openvino_runner(model, model_file: str | os.PathLike | None = None, *,
     to :class:`OpenVinoRunner`."""
     _require_openvino()
     path, sha = onnx_export_path(model, model_file, cache)
-    compiled = path.parent / "openvino"
-    if not path.is_file():
-        export_onnx(model, path, sha)
-    try:
-        return OpenVinoRunner(path, threads, sha, compiled, **options)
-    except CSpineDataError:  # a damaged or foreign cache entry: made again
-        path.unlink(missing_ok=True)
-        export_onnx(model, path, sha)
-        return OpenVinoRunner(path, threads, sha, compiled, **options)
+    return _open_cached(path, lambda: export_onnx(model, path, sha),
+                        lambda entry: OpenVinoRunner(entry, threads, sha, entry.parent / "openvino",
+                                                     **options))  # fmt: skip
 
 
 def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | None = None, *,
@@ -509,10 +519,11 @@ def make_runner(model, engine: str = "auto", model_file: str | os.PathLike | Non
                 check: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """The runner of ``engine`` for a stage 1 model, and a note (engine used, checked difference).
 
-    ``auto`` is :func:`auto_engine` (see the module). A float engine (``xla``, ``onnx``, ``openvino``) is checked against Keras on a probe
-    batch; beyond ``FLOAT_TOLERANCE`` (``BF16_TOLERANCE`` for ``openvino_bf16``) it is refused
-    (``ValueError``) when asked for by name, and ``auto`` falls back to Keras with a warning; so
-    does ``auto`` when its engine fails to start.
+    ``auto`` is :func:`auto_engine` (see the module). A float engine (``xla``, ``onnx``,
+    ``openvino``) is checked against Keras on a probe batch; beyond ``FLOAT_TOLERANCE``
+    (``BF16_TOLERANCE`` for ``openvino_bf16``) it is refused (``ValueError``) when asked for by
+    name, and ``auto`` falls back to Keras with a warning; so does ``auto`` when its engine fails
+    to start.
     """
     if engine not in ENGINES:
         raise ValueError(f"stage 1 engine must be one of {ENGINES}, got {engine!r}")

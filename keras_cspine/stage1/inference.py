@@ -284,6 +284,8 @@ class Stage1Model:
 
     def describe(self) -> dict[str, Any]:
         """The settings, for logs and JSON."""
+        from keras_cspine.stage1.fast_inference import REDUCED_PRECISION_ENGINES
+
         return {
             "source": self.source, "inputs": list(self.input_names), "mode": self.mode,
             "render_size": self.render_size, "image_size": self.image_size,
@@ -294,7 +296,7 @@ class Stage1Model:
             "sequence_model": self.sequence_model is not None,
             # reduced precision changes the results; the float engines agree with Keras
             **({"engine": self.engine["engine"]}
-               if self.engine["engine"] in ("onnx_int8", "openvino_bf16") else {}),
+               if self.engine["engine"] in REDUCED_PRECISION_ENGINES else {}),
         }  # fmt: skip
 
     def metadata(self, positions_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
