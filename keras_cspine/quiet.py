@@ -76,6 +76,13 @@ def filter_startup_output(text: str, gpu_found: bool) -> str:
     return "".join(kept)
 
 
+def _write_back(text: str) -> None:
+    """What a capture kept, to standard error (nothing when empty)."""
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[list[str]]:
     """File descriptor 2 goes to a temporary file inside the block; its text is appended to the
@@ -111,10 +118,7 @@ class _QuietLoader(importlib.abc.Loader):
             self.loader.exec_module(module)
             with contextlib.suppress(Exception):
                 gpu_found = bool(module.config.list_physical_devices("GPU"))
-        text = filter_startup_output(captured[0], gpu_found)
-        if text:
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        _write_back(filter_startup_output(captured[0], gpu_found))
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
         return getattr(self.loader, name)
@@ -176,11 +180,8 @@ def absorb_once_notices() -> None:
     with _stderr_captured() as captured:
         with contextlib.suppress(Exception):
             tf.transpose(tf.constant([[True, False]]))
-    kept = [line for line in captured[0].splitlines(keepends=True)
-            if not any(notice in line for notice in ONCE_NOTICES)]  # fmt: skip
-    if kept:
-        sys.stderr.write("".join(kept))
-        sys.stderr.flush()
+    _write_back("".join(line for line in captured[0].splitlines(keepends=True)
+                        if not any(notice in line for notice in ONCE_NOTICES)))  # fmt: skip
 
 
 def is_tensorflow_log_line(line: str) -> bool:
