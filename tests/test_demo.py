@@ -73,6 +73,20 @@ def test_settings_validation_and_paper_preset():
     assert DemoSettings.quick().studies < DemoSettings().studies
 
 
+@pytest.mark.parametrize(("flags", "problem"), [
+    (["--roi-mm", "-5"], "roi_mm must be a length from 20.0 to 500.0 mm"),
+    (["--holdout-fraction", "0.95"], "holdout_fraction must be in (0, 0.9)"),
+    (["--quick", "--data", "somewhere"], "--quick runs on its own tiny synthetic studies"),
+])  # fmt: skip
+def test_bad_settings_stop_the_demo_before_any_work(flags, problem, tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", str(out), *flags)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("error: demo: ") and problem in line
+    assert not out.exists()  # nothing synthesized
+
+
 def test_summary_text_names_outputs_and_metrics():
     summary = {
         "run_dir": "/r", "data": "/r/data", "prepared": "/r/prepared", "steps": {"synth": 1.0},

@@ -54,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
         changes["roi_mm"] = args.roi_mm or None
     if args.data and args.quick:
         raise ConfigError("demo: --quick runs on its own tiny synthetic studies; drop --data or --quick")
-    if args.data:
-        settings = DemoSettings.paper(**changes)
-    else:
-        settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
+    try:  # values out of range stop the demo before any work, in one line
+        if args.data:
+            settings = DemoSettings.paper(**changes)
+        else:
+            settings = DemoSettings.quick(**changes) if args.quick else DemoSettings(**changes)
+    except ValueError as err:
+        raise ConfigError(f"demo: {err}") from None
     run_demo(args.out, settings, data=args.data)
     return 0
 

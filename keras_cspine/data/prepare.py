@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from keras_cspine import __version__
 from keras_cspine.data import prepare_worker as workers_
-from keras_cspine.data.roi import read_study_roi
+from keras_cspine.data.roi import SpineRoi, read_study_roi
 from keras_cspine.data.slice_index import index_rows, slice_labels, study_boxes
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.dicom import list_series_files
@@ -130,8 +130,6 @@ def load_roi(prepared: str | os.PathLike, uid: str):
     """The spine window (:class:`keras_cspine.data.roi.SpineRoi`) a study's cached images show,
     or None when they show the whole slice (prepared without ``roi_mm``: ``prepare.json`` says
     so, and the study's marker is not needed)."""
-    from keras_cspine.data.roi import SpineRoi
-
     settings = Path(prepared) / "prepare.json"
     if settings.is_file() and (read_settings(prepared).get("settings") or {}).get("roi_mm") is None:
         return None

@@ -107,6 +107,9 @@ class DemoSettings:
             raise ValueError(f"holdout_fraction must be in (0, 0.9), got {self.holdout_fraction!r}")
         if self.studies < 4:
             raise ValueError(f"the demo needs at least 4 studies, got {self.studies!r}")
+        from keras_cspine.data.prepare import PrepareSettings
+
+        PrepareSettings(size=self.image_size, mode=self.mode, roi_mm=self.roi_mm)  # before any work
 
     @classmethod
     def quick(cls, **changes: Any) -> DemoSettings:
