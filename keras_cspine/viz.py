@@ -23,6 +23,10 @@ FIGURE3_TITLE = "Fractured vs non-fractured studies per vertebra (paper Figure 3
 
 VERTEBRA_COLOURS = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#42d4f4", "#4363d8", "#911eb4")
 
+#: File names ``look`` writes (``predict``'s index links them from a prepare folder's figures).
+FIGURE3 = "figure3_fracture_counts"
+SLICES_FIGURE = "slices.png"
+
 
 def _pyplot():
     import matplotlib
@@ -227,8 +231,8 @@ def write_fracture_counts(train_csv_or_frame, out: str | os.PathLike) -> tuple[P
     """Write ``figure3_fracture_counts.png`` and ``figure3_fracture_counts.csv`` into ``out``."""
     out = Path(out)
     fig, counts = figure_fracture_counts(train_csv_or_frame)
-    png = save_figure(fig, out / "figure3_fracture_counts.png")
-    csv = out / "figure3_fracture_counts.csv"
+    png = save_figure(fig, out / f"{FIGURE3}.png")
+    csv = out / f"{FIGURE3}.csv"
     with atomic_write(csv, newline="") as handle:
         counts.to_csv(handle, index=False)
     return png, csv
@@ -270,7 +274,7 @@ def look(prepared: str | os.PathLike, out: str | os.PathLike, n_slices: int = 12
     index = load_index(prepared)
     out = Path(out)
     written = [save_figure(figure_slices(index, prepared, pick_slices(index, n_slices, seed)),
-                           out / "slices.png")]  # fmt: skip
+                           out / SLICES_FIGURE)]  # fmt: skip
     for uid in sorted(index.StudyInstanceUID.unique())[:n_studies]:
         written.append(save_figure(figure_sagittal(index, prepared, uid), out / f"sagittal_{uid}.png"))
     csv_path, why = find_train_csv(prepared, train_csv)

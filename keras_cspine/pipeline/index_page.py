@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from keras_cspine import viz
 from keras_cspine.errors import CSpineDataError
 from keras_cspine.io.rsna import TARGETS
 from keras_cspine.stage1 import runs as stage1_runs
@@ -53,8 +54,8 @@ STAGE2_FIGURES: tuple[tuple[tuple[str, ...], str], ...] = (
 )  # fmt: skip
 #: What the data stage 1 trained on shows (``look`` drawn into its prepare folder's ``figures/``).
 DATA_FIGURES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("figures/figure3_fracture_counts.png",), "Fractures per vertebra in the data (Figure 3)"),
-    (("figures/slices.png",), "Slices with their C1..C7 labels and fracture boxes (Figure 4)"),
+    ((f"figures/{viz.FIGURE3}.png",), "Fractures per vertebra in the data (Figure 3)"),
+    ((f"figures/{viz.SLICES_FIGURE}",), "Slices with their C1..C7 labels and fracture boxes (Figure 4)"),
 )  # fmt: skip
 _THUMBNAILS = (".png", ".jpg", ".jpeg", ".svg")
 
@@ -82,8 +83,9 @@ def training_runs(models: Mapping[str, Any] | None) -> dict[str, Path]:
 
 
 def training_figures(run_folders: Mapping[str, str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(name, path) of each figure or table of :data:`STAGE1_FIGURES` / :data:`STAGE2_FIGURES`
-    found in the run folders (``{"stage1": folder, "stage2": folder}``), in that order."""
+    """(name, path) of each figure or table of :data:`DATA_FIGURES` / :data:`STAGE1_FIGURES` /
+    :data:`STAGE2_FIGURES` found in the folders of :func:`training_runs` (``{"data": folder,
+    "stage1": folder, "stage2": folder}``), in that order."""
     found = []
     for stage, table in (("data", DATA_FIGURES), ("stage1", STAGE1_FIGURES),
                          ("stage2", STAGE2_FIGURES)):  # fmt: skip
