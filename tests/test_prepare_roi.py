@@ -154,3 +154,31 @@ def test_the_look_figure_draws_boxes_in_the_window(roi_prepared):
         window = load_roi(out, row.StudyInstanceUID)
         drawn = [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches]
         assert drawn == [pytest.approx(window.to_image(box, 32)) for box in row.boxes]
+
+
+def test_a_study_whose_window_cannot_be_found_is_named_and_left_out(synthetic_data, tmp_path):
+    """The window is read from a sample of the study's slices before its chunks are rendered: a
+    corrupt one stops ``prepare`` naming the file, or (``on_error="skip"``) leaves that study out,
+    recorded in errors.csv, with no partial cache, while the others are prepared."""
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "rsna"
+    shutil.copytree(synthetic_data, data, symlinks=True)
+    uid = _uids(data)[0]
+    bad = data / "train_images" / uid / "1.dcm"  # the first slice is always in the sample
+    bad.unlink()
+    bad.write_bytes(b"not a DICOM file at all")
+    with pytest.raises(CSpineDataError) as err:
+        prepare_dataset(data, tmp_path / "strict", size=32, roi_mm=ROI_MM, workers=1,
+                        progress=False)  # fmt: skip
+    assert str(err.value).startswith(str(bad))
+    out = tmp_path / "skip"
+    summary = prepare_dataset(data, out, size=32, roi_mm=ROI_MM, workers=1, on_error="skip",
+                              progress=False)  # fmt: skip
+    assert summary["studies_skipped"] == [uid] and summary["studies"] == len(_uids(data)) - 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors.path.tolist() == [str(bad)]
+    assert sorted(p.name for p in (out / "cache").iterdir()) == sorted(
+        f"{u}.npy" for u in _uids(data)[1:])  # fmt: skip
